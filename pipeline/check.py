@@ -1,0 +1,96 @@
+"""check stage: validate the data and print a report. Every problem is listed, each naming its file or row."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+from joblib import Parallel, delayed
+from tqdm import tqdm
+
+from pipeline import labels
+from pipeline.config import output_dir, stage_main
+from pipeline.data import DataError, load_eval, load_train, read_image
+from pipeline.io import atomic_write_json, git_commit
+
+
+def _verify_chunk(files):
+    problems = []
+    for file in files:
+        try:
+            read_image(file)
+        except DataError as error:
+            problems.extend(error.problems)
+    return problems
+
+
+def verify_images(files, workers: int) -> list[str]:
+    files = list(files)
+    chunks = [files[i:i + 128] for i in range(0, len(files), 128)]
+    results = Parallel(n_jobs=max(1, workers), backend="loky" if workers > 1 else "sequential")(
+        delayed(_verify_chunk)(chunk) for chunk in tqdm(chunks, desc="decode check", unit="x128img", leave=False))
+    return [p for chunk in results for p in chunk]
+
+
+def summarize(table: pd.DataFrame, people: pd.DataFrame, cfg: dict) -> dict:
+    train_bands = labels.age_band(people["age"].to_numpy(), cfg["data"]["train_old_age"])
+    official_bands = labels.age_band(people["age"].to_numpy(), cfg["data"]["old_age"])
+    return {
+        "people": int(len(people)),
+        "images": int(len(table)),
+        "people_by_gender": {labels.GENDER_NAMES[g]: int((people["gender"] == g).sum()) for g in (0, 1)},
+        "people_by_age_band": {labels.AGE_NAMES[b]: int((official_bands == b).sum()) for b in range(3)},
+        "people_by_train_age_band": {labels.AGE_NAMES[b]: int((train_bands == b).sum()) for b in range(3)},
+        "images_by_mask": {labels.MASK_NAMES[m]: int((table["mask"] == m).sum()) for m in range(3)},
+        "images_by_class": {int(c): int((table["label"] == c).sum()) for c in range(labels.NUM_CLASSES)},
+        "age_range": [int(people["age"].min()), int(people["age"].max())] if len(people) else None,
+    }
+
+
+def run(cfg: dict, force: bool = False) -> dict:
+    table, info = load_train(cfg, strict=False)
+    problems = list(info["problems"])
+    try:
+        eval_table, eval_problems = load_eval(cfg, strict=False)
+        problems.extend(eval_problems)
+        eval_files = [f for f in eval_table["file"] if f]
+    except DataError as error:
+        problems.extend(error.problems)
+        eval_table, eval_files = None, []
+    from pathlib import Path
+
+    existing = [f for f in info["image_files"] + eval_files if Path(f).is_file()]
+    problems.extend(verify_images(existing, cfg["data"]["num_workers"]))
+    if problems:
+        raise DataError(problems)
+
+    report = summarize(table, info["people"], cfg)
+    report["eval_images"] = int(len(eval_table))
+    report["label_fixes"] = info["fixes"]
+    report["warnings"] = info["warnings"]
+    report["data_root"] = cfg["data"]["root"]
+    report["git_commit"] = git_commit()
+    atomic_write_json(output_dir(cfg, "check", "report.json"), report)
+    _print_report(report, cfg)
+    return report
+
+
+def _print_report(report: dict, cfg: dict) -> None:
+    print(f"data: {report['data_root']}")
+    print(f"people {report['people']}  train images {report['images']}  eval images {report['eval_images']}")
+    print("gender:", ", ".join(f"{k} {v}" for k, v in report["people_by_gender"].items()))
+    print(f"age bands (old={cfg['data']['old_age']}):",
+          ", ".join(f"{k} {v}" for k, v in report["people_by_age_band"].items()))
+    print(f"training age bands (old={cfg['data']['train_old_age']}):",
+          ", ".join(f"{k} {v}" for k, v in report["people_by_train_age_band"].items()))
+    print("mask:", ", ".join(f"{k} {v}" for k, v in report["images_by_mask"].items()))
+    counts = np.array([report["images_by_class"][c] for c in range(labels.NUM_CLASSES)])
+    print("images per class:", " ".join(f"{c}:{n}" for c, n in enumerate(counts)))
+    for line in report["warnings"]:
+        print(f"warning: {line}")
+    applied = [line for line in report["label_fixes"] if "skipped" not in line]
+    print(f"label fixes applied: {len(applied)} of {len(report['label_fixes'])}")
+    for line in applied:
+        print(f"  {line}")
+
+
+if __name__ == "__main__":
+    stage_main(run, "Validate the competition data and print a report")

@@ -1,0 +1,364 @@
+"""The competition layout -> one table of image rows; validation; the decoded-image cache; Dataset.
+
+    <root>/train/train.csv            id,gender,race,age,path
+    <root>/train/images/<path>/       mask1..mask5, incorrect_mask, normal (.jpg/.jpeg/.png)
+    <root>/eval/info.csv              ImageID,ans
+    <root>/eval/images/<ImageID>
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+from joblib import Parallel, delayed
+from tqdm import tqdm
+
+from pipeline import labels
+from pipeline.io import atomic_write_bytes, stable_hash
+
+TRAIN_COLUMNS = ("id", "gender", "race", "age", "path")
+EVAL_COLUMNS = ("ImageID", "ans")
+FIX_COLUMNS = ("id", "field", "value")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
+MIN_AGE, MAX_AGE = 1, 120
+
+cv2.setNumThreads(1)  # parallelism comes from joblib; nested threads only thrash 2 cores
+
+
+class DataError(ValueError):
+    """Bad input data. Holds every problem found, each naming its file or row."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = list(problems)
+        shown = "\n  - ".join(self.problems[:50])
+        more = f"\n  ... and {len(self.problems) - 50} more" if len(self.problems) > 50 else ""
+        super().__init__(f"{len(self.problems)} data problem(s):\n  - {shown}{more}")
+
+
+def train_csv(root) -> Path:
+    return Path(root) / "train" / "train.csv"
+
+
+def train_images(root) -> Path:
+    return Path(root) / "train" / "images"
+
+
+def eval_csv(root) -> Path:
+    return Path(root) / "eval" / "info.csv"
+
+
+def eval_images(root) -> Path:
+    return Path(root) / "eval" / "images"
+
+
+def read_csv(path, columns) -> pd.DataFrame:
+    """All columns as strings (ids keep leading zeros); missing file or columns name the file."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError([f"{path}: file not found"])
+    try:
+        frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as error:
+        raise DataError([f"{path}: not a readable CSV ({str(error).strip()})"]) from error
+    missing = [c for c in columns if c not in frame.columns]
+    if missing:
+        raise DataError([f"{path}: missing column(s) {', '.join(missing)} (found: {', '.join(frame.columns)})"])
+    return frame
+
+
+def _safe_relative(name: str) -> bool:
+    """A name that stays inside its folder: no absolute paths, no '..'."""
+    candidate = Path(name)
+    return bool(name) and not candidate.is_absolute() and ".." not in candidate.parts and not name.startswith(("/", "\\"))
+
+
+def read_people(root) -> tuple[pd.DataFrame, list[str], list[str]]:
+    """train.csv -> one row per person; returns (people, problems, warnings).
+
+    A person is a train.csv row and its image folder. The folder name is the person key
+    (`person_id`): the real train.csv reuses id 003397 for two different people (different
+    ages and folders), so ids alone cannot key people. A repeated folder is an error.
+    """
+    path = train_csv(root)
+    frame = read_csv(path, TRAIN_COLUMNS)
+    problems, warnings, people = [], [], []
+    folder_row: dict[str, int] = {}
+    id_row: dict[str, int] = {}
+    for index, row in enumerate(frame.itertuples(index=False), start=1):
+        where = f"{path} row {index} (id {row.id!r})"
+        pid = str(row.id).strip()
+        folder = str(row.path).strip()
+        if not pid:
+            problems.append(f"{where}: empty id")
+            continue
+        if folder in folder_row:
+            problems.append(f"{where}: duplicate of row {folder_row[folder]} (same id and folder {folder!r})"
+                            if frame.iloc[folder_row[folder] - 1]["id"].strip() == pid else
+                            f"{where}: folder {folder!r} already belongs to row {folder_row[folder]}")
+            continue
+        if pid in id_row:
+            warnings.append(f"{where}: id also used by row {id_row[pid]} for another folder; "
+                            f"kept as a separate person keyed by folder {folder!r}")
+        folder_row[folder] = index
+        id_row.setdefault(pid, index)
+        if not _safe_relative(folder) or len(Path(folder).parts) != 1:
+            problems.append(f"{where}: path {folder!r} must be a folder name inside train/images")
+            continue
+        valid, gender, age = True, -1, -1
+        try:
+            gender = labels.gender_of(row.gender)
+        except ValueError as error:
+            problems.append(f"{where}: {error}")
+            valid = False
+        try:
+            age = int(str(row.age).strip())
+        except ValueError:
+            problems.append(f"{where}: age {row.age!r} is not an integer")
+            valid = False
+        else:
+            if not MIN_AGE <= age <= MAX_AGE:
+                problems.append(f"{where}: age {age} is outside {MIN_AGE}..{MAX_AGE}")
+                valid = False
+        # people with bad labels stay (valid=False) so their images are still checked
+        people.append({"person_id": folder, "id": pid, "gender": gender, "age": age, "race": row.race, "valid": valid})
+    table = pd.DataFrame(people, columns=["person_id", "id", "gender", "age", "race", "valid"])
+    return table, problems, warnings
+
+
+def person_images(folder: Path) -> tuple[dict[str, Path], list[str]]:
+    """The 7 images of one person by stem; extensions matched case-insensitively; dotfiles ignored."""
+    if not folder.is_dir():
+        return {}, [f"{folder}: person folder missing"]
+    found: dict[str, Path] = {}
+    problems = []
+    for entry in sorted(folder.iterdir()):
+        if entry.name.startswith("."):
+            continue  # e.g. macOS '._mask1.jpg' shadows in the real archive
+        stem, ext = entry.stem, entry.suffix.lower()
+        if ext not in IMAGE_EXTENSIONS or stem not in labels.MASK_BY_STEM:
+            problems.append(f"{entry}: unexpected file (expected {', '.join(labels.IMAGE_STEMS)} "
+                            f"with extension {'/'.join(IMAGE_EXTENSIONS)})")
+            continue
+        if stem in found:
+            problems.append(f"{entry}: second image for '{stem}' (also {found[stem].name})")
+            continue
+        found[stem] = entry
+    missing = [s for s in labels.IMAGE_STEMS if s not in found]
+    if missing:
+        problems.append(f"{folder}: has {len(found)} of the 7 expected images; missing {', '.join(missing)}")
+    return found, problems
+
+
+def read_label_fixes(path) -> pd.DataFrame:
+    fixes = read_csv(path, FIX_COLUMNS)
+    problems = []
+    for index, row in enumerate(fixes.itertuples(index=False), start=1):
+        where = f"{path} row {index} (id {row.id!r})"
+        if row.field == "gender":
+            try:
+                labels.gender_of(row.value)
+            except ValueError as error:
+                problems.append(f"{where}: {error}")
+        elif row.field == "age":
+            if not str(row.value).isdigit():
+                problems.append(f"{where}: age {row.value!r} is not an integer")
+        elif row.field == "swap_mask":
+            pair = str(row.value).split(":")
+            if len(pair) != 2 or any(p not in labels.MASK_BY_STEM for p in pair):
+                problems.append(f"{where}: swap_mask value must be 'stemA:stemB', got {row.value!r}")
+        else:
+            problems.append(f"{where}: unknown field {row.field!r} (gender, age or swap_mask)")
+    if problems:
+        raise DataError(problems)
+    return fixes
+
+
+def apply_label_fixes(people: pd.DataFrame, fixes: pd.DataFrame) -> tuple[pd.DataFrame, dict, list[str]]:
+    """Returns fixed people, {person_id: (stem_a, stem_b)} mask swaps, and a log line per fix."""
+    people = people.copy()
+    swaps, log = {}, []
+    for row in fixes.itertuples(index=False):
+        matches = people.index[people["id"] == row.id]
+        if len(matches) == 0:
+            log.append(f"{row.id}: {row.field} fix skipped (person not in this data)")
+        for i in matches:
+            _apply_fix(people, swaps, log, i, row)
+    return people, swaps, log
+
+
+def _apply_fix(people, swaps, log, i, row) -> None:
+    if row.field == "gender":
+        new = labels.gender_of(row.value)
+        log.append(f"{row.id}: gender {labels.GENDER_NAMES[people.at[i, 'gender']]} -> {row.value}")
+        people.at[i, "gender"] = new
+    elif row.field == "age":
+        log.append(f"{row.id}: age {people.at[i, 'age']} -> {row.value}")
+        people.at[i, "age"] = int(row.value)
+    elif row.field == "swap_mask":
+        swaps[people.at[i, "person_id"]] = tuple(str(row.value).split(":"))
+        log.append(f"{row.id}: labels of {row.value.replace(':', ' and ')} swapped")
+
+
+def load_train(cfg: dict, strict: bool = True) -> tuple[pd.DataFrame, dict]:
+    """One row per training image: person_id, image_id, file, mask, gender, age, age_band, label.
+
+    Returns (table, info) where info holds 'problems', 'warnings', 'fixes' (log lines), 'people' and
+    'image_files' (every image found, also of people whose labels are bad). With strict=True
+    any problem raises DataError listing all of them.
+    """
+    root = cfg["data"]["root"]
+    people, problems, warnings = read_people(root)
+    fixes = read_label_fixes(cfg["data"]["label_fixes"]) if cfg["data"]["label_fixes"] else None
+    swaps, fix_log = {}, []
+    if fixes is not None:
+        people, swaps, fix_log = apply_label_fixes(people, fixes)
+    rows, image_files = [], []
+    image_root = train_images(root)
+    for person in people.itertuples(index=False):
+        found, person_problems = person_images(image_root / person.person_id)
+        problems.extend(person_problems)
+        image_files.extend(str(f) for f in found.values())
+        swap = swaps.get(person.person_id)
+        if not person.valid:
+            continue
+        for stem, file in found.items():
+            label_stem = stem
+            if swap and stem in swap:
+                label_stem = swap[1] if stem == swap[0] else swap[0]
+            rows.append({"person_id": person.person_id, "image_id": f"{person.person_id}/{stem}", "file": str(file),
+                         "stem": stem, "mask": labels.mask_of(label_stem), "gender": person.gender,
+                         "age": person.age})
+    if strict and problems:
+        raise DataError(problems)
+    table = pd.DataFrame(rows, columns=["person_id", "image_id", "file", "stem", "mask", "gender", "age"])
+    old = cfg["data"]["old_age"]
+    table["age_band"] = labels.age_band(table["age"].to_numpy(), old) if len(table) else []
+    table["label"] = labels.class_index(table["mask"].to_numpy(), table["gender"].to_numpy(),
+                                        table["age_band"].to_numpy()) if len(table) else []
+    table = table.sort_values("image_id", kind="stable").reset_index(drop=True)
+    people = people[people["valid"]].drop(columns="valid").reset_index(drop=True)
+    return table, {"problems": problems, "warnings": warnings, "fixes": fix_log, "people": people,
+                   "image_files": image_files}
+
+
+def load_eval(cfg: dict, strict: bool = True) -> tuple[pd.DataFrame, list[str]]:
+    """info.csv rows in their order, with the image file of each; problems name row and file."""
+    root = cfg["data"]["root"]
+    path = eval_csv(root)
+    frame = read_csv(path, EVAL_COLUMNS)
+    folder = eval_images(root)
+    problems, files = [], []
+    seen: dict[str, int] = {}
+    for index, image_id in enumerate(frame["ImageID"], start=1):
+        where = f"{path} row {index}"
+        if not _safe_relative(image_id) or len(Path(image_id).parts) != 1:
+            problems.append(f"{where}: ImageID {image_id!r} would leave {folder}")
+            files.append("")
+            continue
+        if image_id in seen:
+            problems.append(f"{where}: ImageID {image_id!r} repeats row {seen[image_id]}")
+        seen[image_id] = index
+        file = folder / image_id
+        if not file.is_file():
+            problems.append(f"{where}: image {file} is missing")
+        files.append(str(file))
+    if strict and problems:
+        raise DataError(problems)
+    frame = frame.assign(file=files, image_id=frame["ImageID"])
+    return frame, problems
+
+
+def data_fingerprint(table: pd.DataFrame) -> str:
+    """Identity of the labelled data: which images, of whom, with which labels."""
+    return stable_hash(table[["image_id", "person_id", "label", "age"]].to_numpy().tolist(), length=16)
+
+
+# ---------------------------------------------------------------- images and the decoded cache
+
+def read_image(file) -> np.ndarray:
+    """RGB uint8; a missing, empty or undecodable file raises naming it."""
+    file = str(file)
+    try:
+        raw = np.fromfile(file, dtype=np.uint8)
+    except OSError as error:
+        raise DataError([f"{file}: cannot read ({error.strerror or error})"]) from error
+    if raw.size == 0:
+        raise DataError([f"{file}: empty file"])
+    image = cv2.imdecode(raw, cv2.IMREAD_COLOR)
+    if image is None:
+        raise DataError([f"{file}: corrupt or not a decodable image"])
+    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+
+def crop_and_resize(image: np.ndarray, crop, size) -> np.ndarray:
+    """Face crop by a fractional box (x0, y0, x1, y1), then resize to (w, h)."""
+    height, width = image.shape[:2]
+    x0, y0, x1, y1 = crop
+    box = image[int(round(y0 * height)):int(round(y1 * height)), int(round(x0 * width)):int(round(x1 * width))]
+    return cv2.resize(box, tuple(size), interpolation=cv2.INTER_AREA)
+
+
+def _decode_chunk(files, crop, size):
+    out, problems = [], []
+    for file in files:
+        try:
+            out.append(crop_and_resize(read_image(file), crop, size))
+        except DataError as error:
+            problems.extend(error.problems)
+            out.append(np.zeros((size[1], size[0], 3), np.uint8))
+    return np.stack(out) if out else np.zeros((0, size[1], size[0], 3), np.uint8), problems
+
+
+def decode_images(files, crop, size, workers: int = 2, desc: str = "decode") -> tuple[np.ndarray, list[str]]:
+    files = list(files)
+    chunks = [files[i:i + 64] for i in range(0, len(files), 64)]
+    results = Parallel(n_jobs=max(1, workers), backend="loky" if workers > 1 else "sequential")(
+        delayed(_decode_chunk)(chunk, crop, size) for chunk in tqdm(chunks, desc=desc, unit="x64img", leave=False))
+    problems = [p for _, chunk_problems in results for p in chunk_problems]
+    images = np.concatenate([imgs for imgs, _ in results]) if results else np.zeros((0, size[1], size[0], 3), np.uint8)
+    return images, problems
+
+
+def cached_images(cfg: dict, files, desc: str = "decode") -> np.ndarray:
+    """Decoded, face-cropped, resized images (N, H, W, 3) uint8, cached on disk by content identity.
+
+    The key covers each file's path, size and mtime plus crop and size, so regenerated data or a
+    new crop never reuses a stale cache. Every later input path (albumentations on CPU, a GPU
+    augmenter) starts from this array.
+    """
+    files = [str(f) for f in files]
+    crop, size = cfg["data"]["crop"], cfg["data"]["image_size"]
+    stats = [(f, os.stat(f).st_size, os.stat(f).st_mtime_ns) if os.path.exists(f) else (f, -1, -1) for f in files]
+    key = stable_hash({"files": stats, "crop": crop, "size": size}, length=20)
+    path = Path(cfg["data"]["cache_dir"]) / f"{key}.npy"
+    if path.exists():
+        return np.load(path, mmap_mode="r")
+    images, problems = decode_images(files, crop, size, workers=cfg["data"]["num_workers"], desc=desc)
+    if problems:
+        raise DataError(problems)
+    import io
+
+    buffer = io.BytesIO()
+    np.save(buffer, images)
+    atomic_write_bytes(path, buffer.getvalue())
+    return images
+
+
+class ImageDataset:
+    """Cached images (selected rows) + integer targets per row -> (CHW float tensor, targets) via albumentations."""
+
+    def __init__(self, images: np.ndarray, targets: dict[str, np.ndarray] | None, transform, rows=None):
+        self.images = images  # may be a memory map: rows are read lazily, never copied whole
+        self.rows = np.arange(len(images)) if rows is None else np.asarray(rows)
+        self.targets = targets or {}
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int):
+        image = self.transform(image=np.asarray(self.images[self.rows[index]]))["image"]
+        return image, {name: int(values[index]) for name, values in self.targets.items()}

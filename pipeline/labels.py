@@ -1,0 +1,78 @@
+"""The only place that knows the 18-class math and the age bands.
+
+class = mask * 6 + gender * 3 + age_band
+  mask:   worn 0 (mask1..mask5), incorrect 1 (incorrect_mask), not worn 2 (normal)
+  gender: male 0, female 1
+  age:    <30 -> 0, 30..old-1 -> 1, >=old -> 2
+"""
+from __future__ import annotations
+
+import numpy as np
+
+NUM_MASK, NUM_GENDER, NUM_AGE = 3, 2, 3
+NUM_CLASSES = NUM_MASK * NUM_GENDER * NUM_AGE  # 18
+HEADS = {"mask": NUM_MASK, "gender": NUM_GENDER, "age": NUM_AGE}
+
+MASK_BY_STEM = {
+    "mask1": 0, "mask2": 0, "mask3": 0, "mask4": 0, "mask5": 0,
+    "incorrect_mask": 1,
+    "normal": 2,
+}
+IMAGE_STEMS = tuple(MASK_BY_STEM)  # the 7 images every person has
+GENDER_BY_NAME = {"male": 0, "female": 1}
+GENDER_NAMES = {v: k for k, v in GENDER_BY_NAME.items()}
+MASK_NAMES = ("worn", "incorrect", "not_worn")
+AGE_NAMES = ("<30", "30-old", ">=old")
+YOUNG_BELOW = 30
+OFFICIAL_OLD = 60
+
+
+def mask_of(stem: str) -> int:
+    if stem not in MASK_BY_STEM:
+        raise ValueError(f"image name {stem!r} is not one of {', '.join(IMAGE_STEMS)}")
+    return MASK_BY_STEM[stem]
+
+
+def gender_of(name: str) -> int:
+    key = str(name).strip().lower()
+    if key not in GENDER_BY_NAME:
+        raise ValueError(f"gender {name!r} is not 'male' or 'female'")
+    return GENDER_BY_NAME[key]
+
+
+def age_band(age, old: int = OFFICIAL_OLD):
+    """Age band for a scalar or an array of ages; `old` is the first age of the top band."""
+    if not YOUNG_BELOW < old:
+        raise ValueError(f"old age cut {old} must be above {YOUNG_BELOW}")
+    ages = np.asarray(age)
+    bands = np.where(ages < YOUNG_BELOW, 0, np.where(ages < old, 1, 2))
+    return int(bands) if bands.ndim == 0 else bands.astype(np.int64)
+
+
+def class_index(mask, gender, age):
+    c = np.asarray(mask) * 6 + np.asarray(gender) * 3 + np.asarray(age)
+    return int(c) if c.ndim == 0 else c.astype(np.int64)
+
+
+def decompose(class_idx):
+    """Inverse of class_index: (mask, gender, age band)."""
+    c = np.asarray(class_idx)
+    if np.any((c < 0) | (c >= NUM_CLASSES)):
+        raise ValueError(f"class index outside 0..{NUM_CLASSES - 1}: {c}")
+    mask, rest = np.divmod(c, 6)
+    gender, age = np.divmod(rest, 3)
+    if c.ndim == 0:
+        return int(mask), int(gender), int(age)
+    return mask, gender, age
+
+
+def joint_from_heads(p_mask, p_gender, p_age) -> np.ndarray:
+    """18-class probabilities as the product of the three heads, in class order."""
+    joint = p_mask[:, :, None, None] * p_gender[:, None, :, None] * p_age[:, None, None, :]
+    return joint.reshape(len(p_mask), NUM_CLASSES)
+
+
+def heads_from_joint(joint: np.ndarray) -> dict[str, np.ndarray]:
+    """Marginal per-head probabilities of an 18-class table."""
+    cube = np.asarray(joint).reshape(-1, NUM_MASK, NUM_GENDER, NUM_AGE)
+    return {"mask": cube.sum(axis=(2, 3)), "gender": cube.sum(axis=(1, 3)), "age": cube.sum(axis=(1, 2))}

@@ -1,0 +1,67 @@
+"""The table ./run.sh prints at the end: OOF F1 per backbone, ensemble, TTA gain, held-out demo score, timings."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+
+from pipeline.config import output_dir, stage_main
+from pipeline.io import atomic_write_text
+from pipeline.metrics import macro_f1
+
+HELDOUT_NAME = "eval_answers.csv"  # written by synth beside eval/, never inside it
+
+
+def heldout_f1(cfg: dict, submission: Path) -> float | None:
+    answers = Path(cfg["data"]["root"]) / HELDOUT_NAME
+    if not answers.exists():
+        return None
+    truth = pd.read_csv(answers, dtype={"ImageID": str})
+    predicted = pd.read_csv(submission, dtype={"ImageID": str})
+    merged = predicted.merge(truth[["ImageID", "ans"]], on="ImageID", suffixes=("_pred", "_true"), validate="1:1")
+    if len(merged) != len(truth):
+        raise RuntimeError(f"{submission} covers {len(merged)} of {len(truth)} held-out images")
+    return macro_f1(merged["ans_true"], merged["ans_pred"])
+
+
+def run(cfg: dict, force: bool = False, timings: str | None = None, score_heldout: bool = False) -> str:
+    ensemble = json.loads(output_dir(cfg, "ensemble.json").read_text())
+    rows = [("backbone", "weight", "OOF F1", "OOF F1 +TTA", "mask", "gender", "age")]
+    for backbone, member in ensemble["members"].items():
+        o, t = member["oof"], member["oof_tta"]
+        rows.append((backbone, f"{member['weight']:.2f}", f"{o['f1']:.4f}", f"{t['f1']:.4f}", f"{o['f1_mask']:.3f}",
+                     f"{o['f1_gender']:.3f}", f"{o['f1_age']:.3f}"))
+    e = ensemble["ensemble"]
+    rows.append(("ENSEMBLE", "", f"{e['oof']['f1']:.4f}", f"{e['oof_tta']['f1']:.4f}", f"{e['oof']['f1_mask']:.3f}",
+                 f"{e['oof']['f1_gender']:.3f}", f"{e['oof']['f1_age']:.3f}"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["", "=" * 72, f"maskfold summary: {cfg['name']}  (output: {cfg['output']['dir']})", "-" * 72]
+    lines += ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in rows]
+    lines.append("-" * 72)
+    lines.append(f"TTA gain on ensemble OOF F1 ({', '.join(ensemble['tta'])}): "
+                 f"{e['oof_tta']['f1'] - e['oof']['f1']:+.4f}")
+    if score_heldout:
+        score = heldout_f1(cfg, Path(ensemble["submission"]))
+        lines.append(f"demo eval macro F1 (held-out answers): {score:.4f}" if score is not None
+                     else "demo eval macro F1: no held-out answers found")
+    if timings and Path(timings).exists():
+        parts = [line.split() for line in Path(timings).read_text().splitlines() if line.strip()]
+        total = sum(float(seconds) for _, seconds in parts)
+        lines.append("wall time: " + ", ".join(f"{stage} {float(s):.0f}s" for stage, s in parts)
+                     + f"; total {total:.0f}s")
+    lines.append(f"submission: {ensemble['submission']}")
+    lines.append("=" * 72)
+    text = "\n".join(lines)
+    print(text)
+    atomic_write_text(output_dir(cfg, "summary.txt"), text + "\n")
+    return text
+
+
+def _args(parser) -> None:
+    parser.add_argument("--timings", help="file of 'stage seconds' lines written by run.sh")
+    parser.add_argument("--score-heldout", action="store_true", help="score submission.csv with the demo's answers")
+
+
+if __name__ == "__main__":
+    stage_main(run, "Print the pipeline summary table", extra_args=_args)

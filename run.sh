@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# maskfold: one entry point.
+#   ./run.sh                 set up if needed, generate the demo data, run every stage, print a summary
+#   ./run.sh test [ARGS]     set up if needed, run the tests (ARGS go to pytest)
+#   ./run.sh all -c CFG      every stage on another config (real data: no generation, no held-out scoring)
+#   ./run.sh <stage> ARGS    one stage: synth check folds train oof infer ensemble summary
+#   ./run.sh setup           only create/refresh .venv
+set -euo pipefail
+cd "$(dirname "$0")"
+export NO_ALBUMENTATIONS_UPDATE=1
+VENV=.venv
+PY="$VENV/bin/python"
+
+setup() {
+  local want have=""
+  want=$(sha256sum requirements.txt | cut -d' ' -f1)
+  [ -f "$VENV/.requirements.sha256" ] && have=$(cat "$VENV/.requirements.sha256")
+  if [ -x "$PY" ] && [ "$want" = "$have" ]; then return 0; fi
+  echo "[setup] installing requirements.txt into $VENV (first run takes a few minutes)" >&2
+  [ -x "$PY" ] || python3 -m venv "$VENV"
+  "$PY" -m pip install --quiet --disable-pip-version-check -r requirements.txt >&2
+  echo "$want" > "$VENV/.requirements.sha256"
+}
+
+run_all() {
+  # run_all CONFIG DEMO(0|1) [overrides...]
+  local cfg=$1 demo=$2; shift 2
+  local timings; timings=$(mktemp)
+  local stages=(check folds train oof infer ensemble)
+  [ "$demo" = 1 ] && stages=(synth "${stages[@]}")
+  for stage in "${stages[@]}"; do
+    echo "==> $stage" >&2
+    local t0=$EPOCHREALTIME
+    "$PY" -m "pipeline.$stage" -c "$cfg" "$@"
+    awk -v s="$stage" -v a="$t0" -v b="$EPOCHREALTIME" 'BEGIN{printf "%s %.1f\n", s, b-a}' >> "$timings"
+  done
+  local score=(); [ "$demo" = 1 ] && score=(--score-heldout)
+  "$PY" -m pipeline.summary -c "$cfg" --timings "$timings" "${score[@]}" "$@"
+  rm -f "$timings"
+}
+
+cmd=${1:-demo}
+[ $# -gt 0 ] && shift
+case "$cmd" in
+  setup) setup ;;
+  test) setup; exec "$PY" -m pytest "$@" ;;
+  demo) setup; run_all configs/demo.yaml 1 "$@" ;;
+  all)
+    setup
+    [ "${1:-}" = "-c" ] || { echo "usage: ./run.sh all -c CONFIG [key=value ...]" >&2; exit 2; }
+    cfg=$2; shift 2
+    run_all "$cfg" 0 "$@" ;;
+  synth|check|folds|train|oof|infer|ensemble|summary)
+    setup; exec "$PY" -m "pipeline.$cmd" "$@" ;;
+  -h|--help|help) sed -n '2,8p' "$0" ;;
+  *) echo "unknown command '$cmd' (try ./run.sh help)" >&2; exit 2 ;;
+esac

@@ -1,0 +1,111 @@
+"""Soft voting, OOF-fitted weights and TTA, on probability tables alone."""
+import inspect
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline import ensemble, labels
+from pipeline.models import MaskNet, predict
+
+
+def member(seed, n=200):
+    rng = np.random.default_rng(seed)
+    heads = {h: rng.dirichlet(np.ones(k), size=n) for h, k in labels.HEADS.items()}
+    return {**heads, "joint": labels.joint_from_heads(heads["mask"], heads["gender"], heads["age"])}
+
+
+def informative_and_confident_noise(label, seed):
+    """A member that is mildly right and one that is confidently random: equal weights lose to the first."""
+    n = len(label)
+    good, noise = member(seed, n), member(seed + 1, n)
+    good["joint"][np.arange(n), label] += 0.1
+    noise["joint"][np.arange(n), np.random.default_rng(seed).integers(0, 18, n)] += 1.0
+    return good, noise
+
+
+@pytest.mark.parametrize("mode", ["joint", "heads"])
+def test_an_ensemble_of_identical_members_equals_the_member(mode):
+    one = member(0)
+    combined = ensemble.combine([one, one, one], [0.2, 0.3, 0.5], mode)
+    for key in ("mask", "gender", "age", "joint"):
+        np.testing.assert_allclose(combined[key], one[key], rtol=1e-10, atol=1e-12)
+
+
+def test_fitted_weights_depend_on_oof_alone():
+    rng = np.random.default_rng(1)
+    label = rng.integers(0, 18, 200)
+    good, noise = informative_and_confident_noise(label, 2)
+    weights = ensemble.fit_weights([good, noise], label, 0.1, "joint")
+    assert weights[0] > weights[1]
+    # by signature the fit sees OOF tables and labels only: there is no way to hand it eval data
+    assert list(inspect.signature(ensemble.fit_weights).parameters) == ["oof_members", "label", "step", "mode"]
+
+
+def test_ensemble_weights_do_not_change_when_eval_probabilities_change(tmp_path, monkeypatch):
+    """Run the stage twice with the same OOF tables and two unrelated eval tables: same weights."""
+    import pandas as pd
+
+    from pipeline.config import load_config
+
+    rng = np.random.default_rng(4)
+    label = rng.integers(0, 18, 120)
+    good, noise = informative_and_confident_noise(label, 5)
+    oof = {"a": good, "b": noise}
+    ids = np.array([f"{i:040x}.jpg" for i in range(30)])
+    info = pd.DataFrame({"ImageID": ids, "ans": 0})
+
+    def pooled(cfg, backbone, fingerprint, name="val_probs.npz", root_of=None):
+        return {"image_id": np.arange(120).astype(str), "label": label, "fold": np.zeros(120, int),
+                **{f"probs_{k}": v for k, v in oof[backbone].items()}}
+
+    monkeypatch.setattr(ensemble, "load_train", lambda cfg: (pd.DataFrame({"image_id": []}), {}))
+    monkeypatch.setattr(ensemble, "data_fingerprint", lambda table: "fp")
+    monkeypatch.setattr(ensemble, "check_coverage", lambda *a: None)
+    monkeypatch.setattr(ensemble, "pool_backbone", pooled)
+    monkeypatch.setattr(ensemble, "read_csv", lambda *a: info)
+    cfg = load_config("configs/demo.yaml", [f"output.dir={tmp_path}", "model.backbones=[a,b]",
+                                            "ensemble.weights=fit", "ensemble.weight_step=0.1"])
+    weights = []
+    for seed in (7, 8):
+        evals = {b: member(seed + i, 30) for i, b in enumerate("ab")}
+        monkeypatch.setattr(ensemble, "fold_mean_eval", lambda cfg, b, evals=evals: (ids, evals[b]))
+        weights.append(ensemble.run(cfg)["weights"])
+    assert weights[0] == weights[1]
+    assert weights[0]["a"] > weights[0]["b"]
+
+
+def test_simplex_grid_covers_weights_that_sum_to_one():
+    grid = list(ensemble.simplex_grid(3, 0.5))
+    assert len(grid) == 6
+    assert all(np.isclose(w.sum(), 1) for w in grid)
+
+
+def test_flip_tta_on_a_symmetric_input_changes_nothing():
+    torch.manual_seed(0)
+    model = MaskNet("resnet10t", "multihead").eval()
+    half = torch.rand(3, 40, 16)
+    image = torch.cat([half, torch.flip(half, dims=[2])], dim=2)  # (C, H, W), mirror-symmetric in W
+
+    class Symmetric(torch.utils.data.Dataset):
+        def __len__(self):
+            return 2
+
+        def __getitem__(self, i):
+            return image, {}
+
+    device = torch.device("cpu")
+    plain = predict(model, Symmetric(), device, 2, tta=("none",))
+    flipped = predict(model, Symmetric(), device, 2, tta=("none", "hflip"))
+    for key in plain:
+        np.testing.assert_allclose(plain[key], flipped[key], rtol=1e-5, atol=1e-6)
+
+
+def test_scale_tta_views_keep_the_batch():
+    from pipeline.models import tta_views
+
+    x = torch.rand(2, 3, 40, 32)
+    views = tta_views(x, ["none", "hflip", "scale:1.25"])
+    assert [v.shape[0] for v in views] == [2, 2, 2] and views[2].shape[2:] == (50, 40)
+    with pytest.raises(ValueError, match="vflip"):
+        tta_views(x, ["vflip"])

@@ -1,0 +1,152 @@
+"""Training jobs: kill -9 and resume, stale checkpoints, local pretrained weights, losses, CutMix."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline import folds, train
+from pipeline.io import PROJECT_ROOT, load_npz
+from tests.conftest import make_config
+
+FAST = ["data.image_size=[32,40]", "folds.k=3", "model.backbones=[resnet10t]", "train.folds=[0]",
+        "train.epochs=4", "train.patience=10", "train.batch_size=16", "augment.train=[{name: HorizontalFlip, p: 0.5}]"]
+
+
+def cli(tmp, data, *overrides):
+    return [sys.executable, "-m", "pipeline.train", "-c", "configs/demo.yaml", f"data.root={data}",
+            f"output.dir={tmp / 'run'}", f"folds.dir={tmp / 'folds'}", f"data.cache_dir={tmp / 'cache'}",
+            "data.num_workers=1", *FAST, *overrides]
+
+
+def run_job(tmp, data):
+    cfg = make_config(tmp, data, *FAST)
+    folds.run(cfg)
+    return train.run(cfg)[0]
+
+
+def job_folder(tmp):
+    return tmp / "run" / "train" / "resnet10t" / "fold0"
+
+
+def test_a_killed_job_resumes_to_the_same_result(tmp_path, tiny_data):
+    reference = run_job(tmp_path / "a", tiny_data)
+
+    killed = tmp_path / "b"
+    folds.run(make_config(killed, tiny_data, *FAST))
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    process = subprocess.Popen(cli(killed, tiny_data), cwd=PROJECT_ROOT, env=env, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    last = job_folder(killed) / "last.pt"
+    deadline = time.time() + 120
+    while not last.exists() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    os.kill(process.pid, signal.SIGKILL)  # somewhere in epoch 1, possibly mid-write
+    process.wait()
+    assert not (job_folder(killed) / "done.json").exists(), "job finished before it could be killed"
+
+    resumed = train.run(make_config(killed, tiny_data, *FAST))[0]
+    assert resumed["best_epoch"] == reference["best_epoch"]
+    assert resumed["best_f1"] == reference["best_f1"]
+    for a, b in zip(resumed["history"], reference["history"]):
+        assert {k: v for k, v in a.items() if k != "images_per_s"} == {k: v for k, v in b.items() if k != "images_per_s"}
+    np.testing.assert_array_equal(load_npz(job_folder(killed) / "val_probs.npz")["probs_joint"],
+                                  load_npz(job_folder(tmp_path / "a") / "val_probs.npz")["probs_joint"])
+
+
+def test_a_changed_config_never_resumes_a_stale_checkpoint(tmp_path, tiny_data):
+    cfg = make_config(tmp_path, tiny_data, *FAST, "train.epochs=1")
+    folds.run(cfg)
+    train.run(cfg)
+    (job_folder(tmp_path) / "done.json").unlink()  # as if killed after its last epoch
+    changed = make_config(tmp_path, tiny_data, *FAST, "train.epochs=1", "train.lr=0.0001")
+    with pytest.raises(train.StaleCheckpointError, match="different config"):
+        train.run(changed)
+    summary = train.run(changed, force=True)[0]
+    assert summary["epochs_run"] == 1
+
+
+def test_a_finished_job_under_another_config_is_refused(tmp_path, tiny_data):
+    cfg = make_config(tmp_path, tiny_data, *FAST, "train.epochs=1")
+    folds.run(cfg)
+    train.run(cfg)
+    with pytest.raises(train.StaleCheckpointError, match="different config"):
+        train.run(make_config(tmp_path, tiny_data, *FAST, "train.epochs=1", "train.loss=ce"))
+
+
+def test_checkpoints_load_with_weights_only(tmp_path, tiny_data):
+    run_job(tmp_path, tiny_data)
+    for name in ("best.pt", "last.pt"):
+        checkpoint = torch.load(job_folder(tmp_path) / name, weights_only=True)
+        assert "model" in checkpoint
+
+
+def test_pretrained_file_loads_a_timm_weights_file_without_network(tmp_path, monkeypatch):
+    import timm
+
+    from pipeline.models import MaskNet
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    source = timm.create_model("resnet10t", pretrained=False)
+    torch.save(source.state_dict(), tmp_path / "resnet10t.pth")
+    model = MaskNet("resnet10t", pretrained_file=tmp_path / "resnet10t.pth")
+    for name, tensor in model.backbone.state_dict().items():
+        if name in source.state_dict():
+            assert torch.equal(tensor, source.state_dict()[name]), name
+    fresh = MaskNet("resnet10t")
+    assert not torch.equal(fresh.backbone.conv1[0].weight, source.conv1[0].weight)
+
+
+def test_a_missing_pretrained_file_is_named(tmp_path):
+    from pipeline.models import MaskNet
+
+    with pytest.raises(FileNotFoundError, match="nothere.pth"):
+        MaskNet("resnet10t", pretrained_file=tmp_path / "nothere.pth")
+
+
+@pytest.mark.parametrize("name", ["ce", "focal", "smooth", "f1"])
+def test_every_loss_prefers_the_right_answer(name):
+    from pipeline.losses import class_weights, loss_fn
+
+    target = torch.tensor([0, 1, 2, 1])
+    right = torch.nn.functional.one_hot(target, 3).float() * 5
+    wrong = torch.nn.functional.one_hot((target + 1) % 3, 3).float() * 5
+    for weight in (None, class_weights(target.numpy(), 3)):
+        compute = loss_fn(name, weight, 0.1, 2.0)
+        assert compute(right, target) < compute(wrong, target)
+
+
+def test_cutmix_only_mixes_images_with_the_same_label():
+    images = torch.arange(4).float().view(4, 1, 1, 1).expand(4, 3, 8, 8).clone()
+    label = torch.tensor([0, 1, 0, 2])
+    mixed = train.same_label_cutmix(images, label, torch.Generator().manual_seed(0))
+    assert set(mixed[1].unique().tolist()) == {1.0} and set(mixed[3].unique().tolist()) == {3.0}
+    assert set(mixed[0].unique().tolist()) <= {0.0, 2.0} and set(mixed[2].unique().tolist()) <= {0.0, 2.0}
+
+
+def test_a_misspelt_augmentation_argument_is_an_error():
+    from pipeline.augment import train_transform
+    from pipeline.config import load_config
+
+    cfg = load_config("configs/demo.yaml", ["augment.train=[{name: Affine, scael: 1.1}]"])
+    with pytest.raises(ValueError, match="scael"):
+        train_transform(cfg)
+    cfg = load_config("configs/demo.yaml", ["augment.train=[{name: HorizontalFlipp}]"])
+    with pytest.raises(ValueError, match="HorizontalFlip"):
+        train_transform(cfg)
+
+
+def test_validation_never_sees_training_augmentation():
+    from pipeline.augment import eval_transform
+    from pipeline.config import load_config
+
+    cfg = load_config("configs/demo.yaml")
+    image = np.random.default_rng(0).integers(0, 255, (40, 32, 3), dtype=np.uint8)
+    transform = eval_transform(cfg)
+    assert [type(t).__name__ for t in transform.transforms] == ["Normalize", "ToTensorV2"]
+    assert torch.equal(transform(image=image)["image"], transform(image=image)["image"])
