@@ -18,7 +18,8 @@ def make_config(tmp: Path, data_root: Path, *overrides: str) -> dict:
     """demo.yaml with data, outputs, folds and cache under tmp, plus overrides."""
     return load_config("configs/demo.yaml", [
         f"data.root={data_root}", f"synth.out={data_root}", f"output.dir={tmp / 'run'}", f"folds.dir={tmp / 'folds'}",
-        f"data.cache_dir={tmp / 'cache'}", "data.num_workers=1", "synth.workers=1", *overrides])
+        f"data.cache_dir={tmp / 'cache'}", f"data.label_fixes={data_root / 'label_fixes.csv'}",
+        "data.num_workers=1", "synth.workers=1", *overrides])
 
 
 @pytest.fixture(scope="session")

@@ -11,7 +11,7 @@ from pipeline.io import load_npz
 from tests.conftest import make_config
 
 TINY = ["synth.people=60", "synth.eval_people=6", "synth.image_size=[96,128]", "data.image_size=[40,48]",
-        "folds.k=3", "model.backbones=[resnet10t]", "train.epochs=6", "train.patience=6", "train.batch_size=32",
+        "folds.k=3", "model.backbones=[mobilenetv3_small_050]", "train.epochs=6", "train.patience=6", "train.batch_size=32",
         "train.lr=0.003", "infer.tta=[none,hflip]"]
 
 
@@ -30,7 +30,7 @@ def tiny_run(tmp_path_factory):
 
 
 def test_tiny_run_learns_at_least_three_times_chance(tiny_run):
-    pooled = load_npz(tiny_run["tmp"] / "run" / "oof" / "resnet10t.npz")
+    pooled = load_npz(tiny_run["tmp"] / "run" / "oof" / "mobilenetv3_small_050.npz")
     label = pooled["label"]
     rng = np.random.default_rng(0)
     uniform = np.mean([f1_score(label, rng.integers(0, 18, len(label)), labels=range(18), average="macro",
@@ -38,29 +38,29 @@ def test_tiny_run_learns_at_least_three_times_chance(tiny_run):
     prior = np.mean([f1_score(label, rng.permutation(label), labels=range(18), average="macro", zero_division=0)
                      for _ in range(20)])
     chance = max(uniform, prior)
-    assert tiny_run["oof"]["resnet10t"]["f1"] >= 3 * chance, (tiny_run["oof"]["resnet10t"]["f1"], chance)
+    assert tiny_run["oof"]["mobilenetv3_small_050"]["f1"] >= 3 * chance, (tiny_run["oof"]["mobilenetv3_small_050"]["f1"], chance)
 
 
 def test_pooled_oof_f1_is_scikit_learns_f1_on_the_pooled_table(tiny_run):
-    pooled = load_npz(tiny_run["tmp"] / "run" / "oof" / "resnet10t.npz")
+    pooled = load_npz(tiny_run["tmp"] / "run" / "oof" / "mobilenetv3_small_050.npz")
     expected = f1_score(pooled["label"], pooled["probs_joint"].argmax(1), labels=list(range(18)), average="macro",
                         zero_division=0)
     report = json.loads((tiny_run["tmp"] / "run" / "oof" / "report.json").read_text())
-    assert report["backbones"]["resnet10t"]["f1"] == pytest.approx(expected, abs=1e-12)
+    assert report["backbones"]["mobilenetv3_small_050"]["f1"] == pytest.approx(expected, abs=1e-12)
     # pooled, not the mean of the fold scores
     assert len(pooled["label"]) == 60 * 7 and set(pooled["fold"]) == {0, 1, 2}
 
 
 def test_oof_report_has_plots_and_tables(tiny_run):
     folder = tiny_run["tmp"] / "run" / "oof"
-    for name in ("report.md", "report.json", "confusion_resnet10t.png", "per_class_f1.png"):
+    for name in ("report.md", "report.json", "confusion_mobilenetv3_small_050.png", "per_class_f1.png"):
         assert (folder / name).stat().st_size > 0
-    assert (folder / "confusion_resnet10t.png").read_bytes()[:4] == b"\x89PNG"
-    assert "| resnet10t |" in (folder / "report.md").read_text()
+    assert (folder / "confusion_mobilenetv3_small_050.png").read_bytes()[:4] == b"\x89PNG"
+    assert "| mobilenetv3_small_050 |" in (folder / "report.md").read_text()
 
 
 def test_every_train_artifact_records_config_seed_and_commit(tiny_run):
-    job = tiny_run["tmp"] / "run" / "train" / "resnet10t" / "fold0"
+    job = tiny_run["tmp"] / "run" / "train" / "mobilenetv3_small_050" / "fold0"
     meta = json.loads((job / "meta.json").read_text())
     assert {"seed", "git_commit", "job_hash", "data_fingerprint"} <= set(meta)
     assert (job / "config.yaml").exists()
@@ -96,7 +96,7 @@ def test_a_missing_fold_checkpoint_is_an_error_naming_it(tiny_run, tmp_path):
     import shutil
 
     cfg = tiny_run["cfg"]
-    best = tiny_run["tmp"] / "run" / "train" / "resnet10t" / "fold1" / "best.pt"
+    best = tiny_run["tmp"] / "run" / "train" / "mobilenetv3_small_050" / "fold1" / "best.pt"
     moved = tmp_path / "best.pt"
     shutil.move(best, moved)
     try:
@@ -109,7 +109,7 @@ def test_a_missing_fold_checkpoint_is_an_error_naming_it(tiny_run, tmp_path):
 def test_oof_refuses_a_backbone_with_incomplete_folds(tiny_run, tmp_path):
     import shutil
 
-    val = tiny_run["tmp"] / "run" / "train" / "resnet10t" / "fold2" / "val_probs.npz"
+    val = tiny_run["tmp"] / "run" / "train" / "mobilenetv3_small_050" / "fold2" / "val_probs.npz"
     moved = tmp_path / "val_probs.npz"
     shutil.move(val, moved)
     try:

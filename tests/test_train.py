@@ -14,7 +14,7 @@ from pipeline import folds, train
 from pipeline.io import PROJECT_ROOT, load_npz
 from tests.conftest import make_config
 
-FAST = ["data.image_size=[32,40]", "folds.k=3", "model.backbones=[resnet10t]", "train.folds=[0]",
+FAST = ["data.image_size=[32,40]", "folds.k=3", "model.backbones=[mobilenetv3_small_050]", "train.folds=[0]",
         "train.epochs=4", "train.patience=10", "train.batch_size=16", "augment.train=[{name: HorizontalFlip, p: 0.5}]"]
 
 
@@ -31,7 +31,7 @@ def run_job(tmp, data):
 
 
 def job_folder(tmp):
-    return tmp / "run" / "train" / "resnet10t" / "fold0"
+    return tmp / "run" / "train" / "mobilenetv3_small_050" / "fold0"
 
 
 def test_a_killed_job_resumes_to_the_same_result(tmp_path, tiny_data):
