@@ -65,7 +65,7 @@ def infer_job(cfg: dict, backbone: str, fold: int, data: TrainData, eval_table, 
     atomic_save_npz(folder / "eval_probs.npz", image_id=eval_table["ImageID"].to_numpy().astype(str),
                     **{f"probs_{k}": v for k, v in eval_probs.items()}, backbone=np.asarray(backbone),
                     fold=np.asarray(fold))
-    write_provenance(folder, job_config(cfg, backbone), cfg["train"]["seed"],
+    write_provenance(folder, cfg, cfg["train"]["seed"],
                      {"job_hash": this_hash, "tta": tta, "data_fingerprint": data.fingerprint})
     atomic_write_json(done, {"identity": identity, "tta": tta, "git_commit": git_commit()})
     print(f"[infer] {backbone} fold {fold}: {len(eval_table)} eval images, {len(val_rows)} val images, TTA {tta}")

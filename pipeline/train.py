@@ -78,7 +78,10 @@ def job_config(cfg: dict, backbone: str) -> dict:
     job = copy.deepcopy(cfg)
     job["model"]["backbones"] = [backbone]
     job["train"]["folds"] = None
-    job["data"]["num_workers"] = None
+    # where things live and how many workers run do not change results; the data fingerprint
+    # (image ids, people, labels after fixes) stands for the data itself
+    for key in ("root", "cache_dir", "label_fixes", "num_workers"):
+        job["data"][key] = None
     job["train"]["threads"] = None
     return job
 
@@ -206,7 +209,7 @@ def train_job(cfg: dict, backbone: str, fold: int, data: TrainData | None = None
         state = checkpoint["state"]
         torch.set_rng_state(checkpoint["torch_rng"])
         print(f"[train] {backbone} fold {fold}: resuming from {last_path} at epoch {state['epoch']}")
-    write_provenance(folder, job_config(cfg, backbone), job_seed,
+    write_provenance(folder, cfg, job_seed,
                      {"job_hash": this_hash, "data_fingerprint": data.fingerprint, "backbone": backbone, "fold": fold})
 
     targets = {k: v[train_rows] for k, v in data.train_targets.items()}

@@ -11,8 +11,8 @@ from pipeline.io import load_npz
 from tests.conftest import make_config
 
 TINY = ["synth.people=60", "synth.eval_people=6", "synth.image_size=[96,128]", "data.image_size=[40,48]",
-        "folds.k=3", "model.backbones=[mobilenetv3_small_050]", "train.epochs=6", "train.patience=6", "train.batch_size=32",
-        "train.lr=0.003", "infer.tta=[none,hflip]"]
+        "folds.k=3", "model.backbones=[mobilenetv3_small_050]", "train.epochs=15", "train.patience=15", "train.batch_size=16",
+        "train.lr=0.05", "infer.tta=[none,hflip]"]
 
 
 @pytest.fixture(scope="module")

@@ -21,6 +21,7 @@ FAST = ["data.image_size=[32,40]", "folds.k=3", "model.backbones=[mobilenetv3_sm
 def cli(tmp, data, *overrides):
     return [sys.executable, "-m", "pipeline.train", "-c", "configs/demo.yaml", f"data.root={data}",
             f"output.dir={tmp / 'run'}", f"folds.dir={tmp / 'folds'}", f"data.cache_dir={tmp / 'cache'}",
+            f"data.label_fixes={data / 'label_fixes.csv'}",
             "data.num_workers=1", *FAST, *overrides]
 
 
@@ -76,7 +77,7 @@ def test_a_finished_job_under_another_config_is_refused(tmp_path, tiny_data):
     folds.run(cfg)
     train.run(cfg)
     with pytest.raises(train.StaleCheckpointError, match="different config"):
-        train.run(make_config(tmp_path, tiny_data, *FAST, "train.epochs=1", "train.loss=ce"))
+        train.run(make_config(tmp_path, tiny_data, *FAST, "train.epochs=1", "train.loss=focal"))
 
 
 def test_checkpoints_load_with_weights_only(tmp_path, tiny_data):
