@@ -12,7 +12,7 @@ torch.set_num_threads(int(__import__("os").environ.get("THREADS", "2")))
 models = sys.argv[1].split(",") if len(sys.argv) > 1 else ["resnet10t", "mobilenetv3_small_050", "lcnet_050",
                                                           "regnetx_002", "test_efficientnet", "test_resnet",
                                                           "test_convnext", "test_vit"]
-sizes = [(48, 64), (64, 80)]
+sizes = [tuple(int(v) for v in s.split("x")) for s in __import__("os").environ.get("SIZES", "48x64,64x80").split(",")]
 for name in models:
     for w, h in sizes:
         model = MaskNet(name, "multihead")

@@ -13,11 +13,10 @@ import pandas as pd
 from pipeline import labels
 from pipeline.config import output_dir, stage_main
 from pipeline.data import data_fingerprint, eval_csv, load_train, read_csv
-from pipeline.infer import MissingCheckpointError, infer_dir
 from pipeline.io import atomic_write_json, atomic_write_text, git_commit, load_npz
+from pipeline.jobs import MissingCheckpointError, infer_dir, job_dir
 from pipeline.metrics import score_probs
 from pipeline.oof import check_coverage, pool_backbone, probs_of
-from pipeline.train import job_dir
 
 HEAD_KEYS = ("mask", "gender", "age")
 

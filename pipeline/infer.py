@@ -11,19 +11,12 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.augment import eval_transform
-from pipeline.config import output_dir, stage_main
+from pipeline.config import stage_main
 from pipeline.data import ImageDataset, cached_images, load_eval
 from pipeline.io import atomic_save_npz, atomic_write_json, git_commit, stable_hash, torch_load, write_provenance
+from pipeline.jobs import MissingCheckpointError, infer_dir, job_dir, job_hash, job_list, save_probs
 from pipeline.models import build_model, predict
-from pipeline.train import TrainData, job_config, job_dir, job_hash, job_list, load_train_data, resolve_device, save_probs
-
-
-class MissingCheckpointError(FileNotFoundError):
-    pass
-
-
-def infer_dir(cfg: dict, backbone: str, fold: int) -> Path:
-    return output_dir(cfg, "infer", backbone.replace("/", "_"), f"fold{fold}")
+from pipeline.train import TrainData, load_train_data, resolve_device
 
 
 def load_best(cfg: dict, backbone: str, fold: int, expected_hash: str):

@@ -15,8 +15,8 @@ from pipeline import labels
 from pipeline.config import output_dir, stage_main
 from pipeline.data import data_fingerprint, load_train
 from pipeline.io import atomic_save_npz, atomic_write_json, atomic_write_text, git_commit, load_npz
+from pipeline.jobs import job_dir, job_hash
 from pipeline.metrics import macro_f1, per_class_f1, score_probs
-from pipeline.train import job_dir, job_hash
 
 PROB_KEYS = ("probs_mask", "probs_gender", "probs_age", "probs_joint")
 

@@ -11,14 +11,12 @@ ends exactly where an uninterrupted one does. A last.pt made under another confi
 """
 from __future__ import annotations
 
-import copy
 import json
 import math
 import random
 import shutil
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -26,11 +24,12 @@ from tqdm import tqdm
 
 from pipeline import labels
 from pipeline.augment import eval_transform, train_transform
-from pipeline.config import output_dir, section_hash, stage_main
+from pipeline.config import stage_main
 from pipeline.data import ImageDataset, cached_images, data_fingerprint, load_train
 from pipeline.folds import load_folds
-from pipeline.io import (atomic_save_npz, atomic_torch_save, atomic_write_json, atomic_write_text, git_commit,
+from pipeline.io import (atomic_torch_save, atomic_write_json, atomic_write_text, git_commit,
                          torch_load, write_provenance)
+from pipeline.jobs import job_dir, job_hash, job_list, save_probs
 from pipeline.losses import class_weights, loss_fn
 from pipeline.metrics import score_probs
 from pipeline.models import autocast, build_model, predict, split_logits
@@ -58,38 +57,6 @@ def load_train_data(cfg: dict) -> TrainData:
     targets = {"mask": table["mask"].to_numpy(), "gender": table["gender"].to_numpy(), "age": band,
                "joint": labels.class_index(table["mask"].to_numpy(), table["gender"].to_numpy(), band)}
     return TrainData(table, fold, images, targets, data_fingerprint(table))
-
-
-def job_list(cfg: dict) -> list[tuple[str, int]]:
-    folds = cfg["train"]["folds"]
-    folds = list(range(cfg["folds"]["k"])) if folds is None else list(folds)
-    bad = [f for f in folds if not 0 <= int(f) < cfg["folds"]["k"]]
-    if bad:
-        raise ValueError(f"train.folds {bad} outside 0..{cfg['folds']['k'] - 1}")
-    return [(backbone, int(fold)) for backbone in cfg["model"]["backbones"] for fold in folds]
-
-
-def job_dir(cfg: dict, backbone: str, fold: int) -> Path:
-    return output_dir(cfg, "train", backbone.replace("/", "_"), f"fold{fold}")
-
-
-def job_config(cfg: dict, backbone: str) -> dict:
-    """The config as this one job sees it: one backbone; fold list and worker counts don't matter."""
-    job = copy.deepcopy(cfg)
-    job["model"]["backbones"] = [backbone]
-    job["train"]["folds"] = None
-    # where things live and how many workers run do not change results; the data fingerprint
-    # (image ids, people, labels after fixes) stands for the data itself
-    for key in ("root", "cache_dir", "label_fixes", "num_workers"):
-        job["data"][key] = None
-    job["train"]["threads"] = None
-    return job
-
-
-def job_hash(cfg: dict, backbone: str, fingerprint: str) -> str:
-    job = job_config(cfg, backbone)
-    job["data_fingerprint"] = fingerprint
-    return section_hash(job, "data", "folds", "model", "train", "augment", "data_fingerprint")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -310,14 +277,6 @@ def train_job(cfg: dict, backbone: str, fold: int, data: TrainData | None = None
                "data_fingerprint": data.fingerprint, "history": state["history"]}
     atomic_write_json(done_path, summary)
     return summary
-
-
-def save_probs(path, table, probs: dict, **meta) -> None:
-    """The currency between stages: one row per image id, float32 per head and joint, with labels."""
-    atomic_save_npz(path, image_id=table["image_id"].to_numpy().astype(str),
-                    label=table["label"].to_numpy().astype(np.int64),
-                    **{f"probs_{k}": v.astype(np.float32) for k, v in probs.items()},
-                    **{k: np.asarray(v) for k, v in meta.items()})
 
 
 def run(cfg: dict, force: bool = False) -> list[dict]:

@@ -1,5 +1,4 @@
 """Training jobs: kill -9 and resume, stale checkpoints, local pretrained weights, losses, CutMix."""
-import json
 import os
 import signal
 import subprocess
