@@ -11,6 +11,7 @@ ends exactly where an uninterrupted one does. A last.pt made under another confi
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 import random
@@ -120,6 +121,12 @@ def _epoch_seed(seed: int, epoch: int) -> int:
     return seed * 1000 + epoch
 
 
+def _seed_worker(epoch_seed: int, worker_id: int) -> None:
+    """albumentations 2.0 does not split its stream across DataLoader workers: give each its own."""
+    info = torch.utils.data.get_worker_info()
+    info.dataset.transform.set_random_seed(epoch_seed + 7919 * (worker_id + 1))
+
+
 def _reseed(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -207,10 +214,11 @@ def train_job(cfg: dict, backbone: str, fold: int, data: TrainData | None = None
             sampler = (torch.utils.data.WeightedRandomSampler(sample_weights, len(train_rows), replacement=True,
                                                               generator=generator)
                        if sample_weights is not None else torch.utils.data.RandomSampler(train_set, generator=generator))
+            workers = cfg["data"]["num_workers"] if device.type == "cuda" else 0
             loader = torch.utils.data.DataLoader(train_set, batch_size=t["batch_size"], sampler=sampler,
-                                                 num_workers=cfg["data"]["num_workers"] if device.type == "cuda" else 0,
-                                                 drop_last=len(train_rows) > t["batch_size"],
-                                                 pin_memory=device.type == "cuda")
+                                                 num_workers=workers, drop_last=len(train_rows) > t["batch_size"],
+                                                 pin_memory=device.type == "cuda",
+                                                 worker_init_fn=functools.partial(_seed_worker, seed) if workers else None)
             model.train()
             started, seen, loss_sum = time.time(), 0, {h: 0.0 for h in heads}
             total_batches = min(len(loader), t["max_batches"] or len(loader))

@@ -150,3 +150,17 @@ def test_validation_never_sees_training_augmentation():
     transform = eval_transform(cfg)
     assert [type(t).__name__ for t in transform.transforms] == ["Normalize", "ToTensorV2"]
     assert torch.equal(transform(image=image)["image"], transform(image=image)["image"])
+
+
+def test_dataloader_workers_get_distinct_augmentation_streams():
+    from pipeline.augment import train_transform
+    from pipeline.config import load_config
+    from pipeline.data import ImageDataset
+
+    cfg = load_config("configs/demo.yaml", ["augment.train=[{name: GaussNoise, std_range: [0.2, 0.3], p: 1.0}]"])
+    images = np.zeros((8, 16, 16, 3), np.uint8)  # identical inputs: any difference is the augmentation
+    dataset = ImageDataset(images, None, train_transform(cfg))
+    loader = torch.utils.data.DataLoader(dataset, batch_size=4, num_workers=2,
+                                         worker_init_fn=lambda wid: train._seed_worker(1000, wid))
+    first, second = [batch for batch, _ in loader]
+    assert not torch.equal(first, second)
