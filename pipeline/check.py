@@ -1,6 +1,8 @@
 """check stage: validate the data and print a report. Every problem is listed, each naming its file or row."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 from joblib import Parallel, delayed
@@ -55,8 +57,6 @@ def run(cfg: dict, force: bool = False) -> dict:
     except DataError as error:
         problems.extend(error.problems)
         eval_table, eval_files = None, []
-    from pathlib import Path
-
     existing = [f for f in info["image_files"] + eval_files if Path(f).is_file()]
     problems.extend(verify_images(existing, cfg["data"]["num_workers"]))
     if problems:

@@ -7,6 +7,7 @@
 """
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
 
@@ -339,8 +340,6 @@ def cached_images(cfg: dict, files, desc: str = "decode") -> np.ndarray:
     images, problems = decode_images(files, crop, size, workers=cfg["data"]["num_workers"], desc=desc)
     if problems:
         raise DataError(problems)
-    import io
-
     buffer = io.BytesIO()
     np.save(buffer, images)
     atomic_write_bytes(path, buffer.getvalue())

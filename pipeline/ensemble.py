@@ -43,7 +43,7 @@ def simplex_grid(members: int, step: float):
 
 def fit_weights(oof_members: list[dict], label: np.ndarray, step: float, mode: str) -> np.ndarray:
     """Backbone weights maximising pooled OOF macro F1 over a simplex grid. Sees OOF only, by signature."""
-    best, best_f1 = np.full(len(oof_members), 1 / len(oof_members)), -1.0
+    best = np.full(len(oof_members), 1 / len(oof_members))
     best_f1 = score_probs(combine(oof_members, best, mode), label)["f1"]  # equal weights win ties
     if len(oof_members) == 1:
         return best

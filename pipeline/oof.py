@@ -6,15 +6,21 @@ and per-class PNGs, and <backbone>.npz (the OOF probability table).
 """
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
+import matplotlib
 import numpy as np
+from sklearn.metrics import confusion_matrix
+
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt  # noqa: E402
 
 from pipeline import labels
 from pipeline.config import output_dir, stage_main
 from pipeline.data import data_fingerprint, load_train
-from pipeline.io import atomic_save_npz, atomic_write_json, atomic_write_text, git_commit, load_npz
+from pipeline.io import atomic_save_npz, atomic_write_bytes, atomic_write_json, atomic_write_text, git_commit, load_npz
 from pipeline.jobs import job_dir, job_hash
 from pipeline.metrics import macro_f1, per_class_f1, score_probs
 
@@ -85,12 +91,6 @@ def backbone_report(pooled: dict) -> dict:
 
 
 def plot_confusion(label, pred, title: str, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from sklearn.metrics import confusion_matrix
-
     matrix = confusion_matrix(label, pred, labels=list(range(labels.NUM_CLASSES)))
     rows = matrix.sum(1, keepdims=True)
     share = np.divide(matrix, rows, out=np.zeros_like(matrix, dtype=float), where=rows > 0)
@@ -112,11 +112,6 @@ def plot_confusion(label, pred, title: str, path: Path) -> None:
 
 
 def plot_per_class(reports: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     fig, ax = plt.subplots(figsize=(10, 4))
     width = 0.8 / max(1, len(reports))
     for i, (backbone, report) in enumerate(reports.items()):
@@ -132,14 +127,8 @@ def plot_per_class(reports: dict, path: Path) -> None:
 
 
 def _save_figure(fig, path: Path) -> None:
-    import io
-
-    from pipeline.io import atomic_write_bytes
-
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=110)
-    import matplotlib.pyplot as plt
-
     plt.close(fig)
     atomic_write_bytes(path, buffer.getvalue())
 

@@ -164,3 +164,18 @@ def test_dataloader_workers_get_distinct_augmentation_streams():
                                          worker_init_fn=lambda wid: train._seed_worker(1000, wid))
     first, second = [batch for batch, _ in loader]
     assert not torch.equal(first, second)
+
+
+@pytest.mark.parametrize("variant", [
+    ["model.head=single", "train.loss=f1", "train.class_weights=true"],
+    ["train.schedule=plateau", "train.optimizer=adamw", "train.lr=0.001", "train.loss=focal"],
+    ["train.schedule=step", "train.cutmix_p=1.0", "train.weighted_sampler=false", "train.loss=smooth"],
+])
+def test_every_head_loss_schedule_and_cutmix_option_trains(tmp_path, tiny_data, variant):
+    cfg = make_config(tmp_path, tiny_data, *FAST, "train.epochs=2", "train.max_batches=2", *variant)
+    folds.run(cfg)
+    summary = train.run(cfg)[0]
+    assert summary["epochs_run"] == 2
+    probs = load_npz(job_folder(tmp_path) / "val_probs.npz")
+    np.testing.assert_allclose(probs["probs_joint"].sum(1), 1, rtol=1e-4)
+    np.testing.assert_allclose(probs["probs_mask"].sum(1), 1, rtol=1e-4)
