@@ -3,7 +3,8 @@
 #   ./run.sh                 set up if needed, generate the demo data, run every stage, print a summary
 #   ./run.sh test [ARGS]     set up if needed, run the tests (ARGS go to pytest)
 #   ./run.sh all -c CFG      every stage on another config (real data: no generation, no held-out scoring)
-#   ./run.sh <stage> ARGS    one stage: synth check folds train oof infer ensemble summary
+#   ./run.sh <stage> ARGS    one stage: synth check folds train oof infer ensemble summary tune
+#   ./run.sh dashboard -c CFG [--port N]   the Optuna dashboard for tune.storage, on 127.0.0.1
 #   ./run.sh setup           only create/refresh .venv
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -50,8 +51,9 @@ case "$cmd" in
     [ "${1:-}" = "-c" ] || { echo "usage: ./run.sh all -c CONFIG [key=value ...]" >&2; exit 2; }
     cfg=$2; shift 2
     run_all "$cfg" 0 "$@" ;;
-  synth|check|folds|train|oof|infer|ensemble|summary)
+  synth|check|folds|train|oof|infer|ensemble|summary|tune)
     setup; exec "$PY" -m "pipeline.$cmd" "$@" ;;
-  -h|--help|help) sed -n '2,8p' "$0" ;;
+  dashboard) setup; exec "$PY" -m pipeline.dashboard "$@" ;;
+  -h|--help|help) sed -n '2,9p' "$0" ;;
   *) echo "unknown command '$cmd' (try ./run.sh help)" >&2; exit 2 ;;
 esac

@@ -121,6 +121,16 @@ def load_config(path=None, overrides=()) -> dict:
     return cfg
 
 
+def with_values(cfg: dict, values: dict, source: str = "override") -> dict:
+    """A copy of a resolved config with dotted keys set, checked like command-line overrides."""
+    with open(BASE_CONFIG) as handle:
+        schema = yaml.safe_load(handle)
+    updated = copy.deepcopy(cfg)
+    for key, value in values.items():
+        _set_path(schema, updated, key, value, f"{source} '{key}'")
+    return updated
+
+
 def section_hash(cfg: dict, *sections: str) -> str:
     """Hash of the config sections an artifact depends on, so unrelated edits don't invalidate it."""
     return stable_hash({section: cfg.get(section) for section in sections})

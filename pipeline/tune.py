@@ -1,0 +1,147 @@
+"""tune stage: an Optuna study over config values; each trial trains `tune.folds` for `tune.epochs`.
+
+Storage from `tune.storage`: `sqlite:///FILE` (default), `journal:FILE`, or `postgresql://...` for
+many workers on many machines (start the same command on each). RDB storages keep a heartbeat: a
+worker killed mid-trial is declared dead after `tune.grace_s`, its trial marked FAIL and re-run
+(RetryFailedTrialCallback), so no trial is lost. Each epoch reports val macro F1 to Optuna and the
+median pruner stops hopeless trials. The best values are written back as a loadable config:
+<output.dir>/tune/best.yaml. Watch the study with `./run.sh dashboard -c CONFIG`.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import optuna
+import yaml
+
+from pipeline.config import output_dir, stage_main, with_values
+from pipeline.io import atomic_write_json, atomic_write_text, git_commit
+
+PARAM_TYPES = ("float", "int", "categorical")
+
+
+def make_storage(cfg: dict):
+    """The study's storage object, from `tune.storage`."""
+    t = cfg["tune"]
+    url = str(t["storage"])
+    if url.startswith("journal:"):
+        path = Path(url.removeprefix("journal:"))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        from optuna.storages.journal import JournalFileBackend
+
+        return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
+    if url.startswith("sqlite:///"):
+        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    elif not url.startswith(("postgresql", "mysql")):
+        raise ValueError(f"tune.storage {url!r}: use sqlite:///FILE, journal:FILE or postgresql://...")
+    return optuna.storages.RDBStorage(
+        url, heartbeat_interval=t["heartbeat_s"], grace_period=t["grace_s"],
+        heartbeat_stale_trial_callback=optuna.storages.RetryFailedTrialCallback(max_retry=t["max_retry"]),
+        engine_kwargs={"pool_pre_ping": True} if not url.startswith("sqlite") else None)
+
+
+def load_study(cfg: dict) -> optuna.Study:
+    t = cfg["tune"]
+    pruner = optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=1) if t["pruner"] == "median" \
+        else optuna.pruners.NopPruner()
+    if t["pruner"] not in ("median", "none"):
+        raise ValueError(f"tune.pruner {t['pruner']!r} is not median or none")
+    return optuna.create_study(study_name=t["study"], storage=make_storage(cfg), direction="maximize",
+                               sampler=optuna.samplers.TPESampler(seed=t["seed"]), pruner=pruner,
+                               load_if_exists=True)
+
+
+def suggest(trial: optuna.Trial, space: list[dict]) -> dict:
+    values = {}
+    for number, spec in enumerate(space):
+        kind, name = spec.get("type"), spec.get("param")
+        if not name or kind not in PARAM_TYPES:
+            raise ValueError(f"tune.space[{number}]: needs 'param' and 'type' ({', '.join(PARAM_TYPES)}), got {spec}")
+        if kind == "float":
+            values[name] = trial.suggest_float(name, spec["low"], spec["high"], log=spec.get("log", False))
+        elif kind == "int":
+            values[name] = trial.suggest_int(name, spec["low"], spec["high"], log=spec.get("log", False))
+        else:
+            values[name] = trial.suggest_categorical(name, spec["choices"])
+    return values
+
+
+def trial_config(cfg: dict, values: dict, trial_number: int) -> dict:
+    t = cfg["tune"]
+    fixed = {"train.epochs": t["epochs"], "train.folds": list(t["folds"]),
+             "output.dir": str(output_dir(cfg, "tune", f"trial{trial_number:04d}"))}
+    return with_values(with_values(cfg, values, "tune.space"), fixed, "tune")
+
+
+def objective_for(cfg: dict, data):
+    from pipeline.train import train_job  # torch loads only where trials run, not for the dashboard
+
+    t = cfg["tune"]
+    backbone = t["backbone"] or cfg["model"]["backbones"][0]
+
+    def objective(trial: optuna.Trial) -> float:
+        values = suggest(trial, t["space"])
+        trial_cfg = trial_config(cfg, values, trial.number)
+        scores, step = [], 0
+
+        def report(epoch: int, record: dict) -> None:
+            nonlocal step
+            # one step per epoch across the trial's folds; prune on the running value
+            trial.report(record["val_f1"], step)
+            step += 1
+            if trial.should_prune():
+                raise optuna.TrialPruned(f"pruned at fold {fold} epoch {epoch} (val F1 {record['val_f1']:.4f})")
+
+        for fold in t["folds"]:
+            summary = train_job(trial_cfg, backbone, int(fold), data, force=True, epoch_callback=report)
+            scores.append(summary["best_f1"])
+        return float(sum(scores) / len(scores))
+
+    return objective
+
+
+def write_best(cfg: dict, study: optuna.Study) -> Path | None:
+    finished = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    if not finished:
+        return None
+    best = study.best_trial
+    best_cfg = with_values(cfg, best.params, "best trial")
+    best_cfg = {k: v for k, v in best_cfg.items() if k != "name"}
+    best_cfg["output"]["dir"] = "runs/{config}"
+    folder = output_dir(cfg, "tune")
+    path = folder / "best.yaml"
+    header = (f"# Best of Optuna study '{cfg['tune']['study']}' (trial {best.number}, mean val macro F1 "
+              f"{best.value:.4f} on folds {cfg['tune']['folds']} after {cfg['tune']['epochs']} epochs).\n"
+              f"# Use it: python -m pipeline.train -c {path}\n")
+    atomic_write_text(path, header + yaml.safe_dump(best_cfg, sort_keys=False))
+    atomic_write_json(folder / "best.json", {"study": cfg["tune"]["study"], "trial": best.number,
+                                             "value": best.value, "params": best.params,
+                                             "seed": cfg["tune"]["seed"], "git_commit": git_commit()})
+    return path
+
+
+def run(cfg: dict, force: bool = False) -> dict:
+    from pipeline.train import load_train_data
+
+    t = cfg["tune"]
+    study = load_study(cfg)
+    data = load_train_data(cfg)
+    states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+    done = sum(trial.state in states for trial in study.trials)
+    print(f"[tune] study '{t['study']}' in {t['storage']}: {done} of {t['trials']} trials finished")
+    if done < t["trials"]:
+        # MaxTrialsCallback counts every worker's trials, so N workers together stop at tune.trials
+        study.optimize(objective_for(cfg, data), n_trials=t["trials"] - done,
+                       callbacks=[optuna.study.MaxTrialsCallback(t["trials"], states=states)],
+                       catch=(RuntimeError,))
+    path = write_best(cfg, study)
+    finished = [trial for trial in study.trials if trial.state == optuna.trial.TrialState.COMPLETE]
+    pruned = sum(trial.state == optuna.trial.TrialState.PRUNED for trial in study.trials)
+    if path:
+        print(f"[tune] {len(finished)} complete, {pruned} pruned; best trial {study.best_trial.number}: "
+              f"val macro F1 {study.best_value:.4f} with {study.best_params}; config: {path}")
+    return {"best_config": str(path) if path else None, "complete": len(finished), "pruned": pruned}
+
+
+if __name__ == "__main__":
+    stage_main(run, "Tune config values with an Optuna study (pruning, shared storage, retries)")

@@ -1,0 +1,127 @@
+"""Optuna tuning: real storages, pruning through the per-epoch callback, crashed workers, the dashboard."""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import optuna
+import pytest
+
+from pipeline import folds, tune
+from pipeline.config import load_config
+from pipeline.io import PROJECT_ROOT
+from pipeline.train import load_train_data
+from tests.conftest import make_config
+
+QUICK = ["data.image_size=[32,40]", "folds.k=3", "model.backbones=[mobilenetv3_small_050]", "train.batch_size=16",
+         "train.max_batches=2", "tune.epochs=2", "tune.folds=[0]"]
+
+
+def tune_config(tmp, data, *overrides):
+    cfg = make_config(tmp, data, *QUICK, *overrides)
+    folds.run(cfg)
+    return cfg
+
+
+def test_a_study_runs_its_trials_and_writes_a_loadable_best_config(tmp_path, tiny_data):
+    cfg = tune_config(tmp_path, tiny_data, f"tune.storage=sqlite:///{tmp_path}/optuna.db", "tune.trials=3",
+                      "tune.pruner=none")
+    result = tune.run(cfg)
+    assert result["complete"] == 3
+    study = optuna.load_study(study_name="demo", storage=f"sqlite:///{tmp_path}/optuna.db")
+    assert len(study.trials) == 3
+    best = load_config(result["best_config"])
+    for key, value in study.best_params.items():
+        section, name = key.split(".")
+        assert best[section][name] == value
+    # a second call finds the study finished and runs nothing more
+    assert tune.run(cfg)["complete"] == 3
+
+
+def test_a_journal_file_storage_works_too(tmp_path, tiny_data):
+    cfg = tune_config(tmp_path, tiny_data, f"tune.storage=journal:{tmp_path}/journal.log", "tune.trials=1")
+    assert tune.run(cfg)["complete"] == 1
+    assert (tmp_path / "journal.log").stat().st_size > 0
+
+
+def test_the_per_epoch_callback_lets_the_pruner_stop_a_trial(tmp_path, tiny_data):
+    cfg = tune_config(tmp_path, tiny_data)
+    study = optuna.create_study(direction="maximize", pruner=optuna.pruners.ThresholdPruner(lower=2.0))
+    study.optimize(tune.objective_for(cfg, load_train_data(cfg)), n_trials=1)
+    assert study.trials[0].state == optuna.trial.TrialState.PRUNED
+    assert study.trials[0].intermediate_values  # it reported before it was stopped
+
+
+def test_a_bad_search_space_entry_is_named(tmp_path, tiny_data):
+    cfg = tune_config(tmp_path, tiny_data, "tune.space=[{param: train.lr, type: normal}]")
+    study = optuna.create_study(direction="maximize")
+    with pytest.raises(ValueError, match=r"tune.space\[0\]"):
+        study.optimize(tune.objective_for(cfg, load_train_data(cfg)), n_trials=1, catch=())
+
+
+def test_a_killed_worker_loses_no_trial(tmp_path, tiny_data):
+    storage = f"sqlite:///{tmp_path}/optuna.db"
+    overrides = [*QUICK, f"tune.storage={storage}", "tune.trials=1", "tune.heartbeat_s=1", "tune.grace_s=2",
+                 "tune.epochs=30", "train.max_batches=0"]
+    cfg = tune_config(tmp_path, tiny_data, *overrides)
+    command = [sys.executable, "-m", "pipeline.tune", "-c", "configs/demo.yaml", f"data.root={tiny_data}",
+               f"output.dir={tmp_path / 'run'}", f"folds.dir={tmp_path / 'folds'}", f"data.cache_dir={tmp_path / 'cache'}",
+               f"data.label_fixes={tiny_data / 'label_fixes.csv'}", *overrides]
+    worker = subprocess.Popen(command, cwd=PROJECT_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 90
+    running = []
+    while time.time() < deadline and worker.poll() is None and not running:
+        time.sleep(0.5)
+        try:
+            study = optuna.load_study(study_name="demo", storage=storage)
+            running = [t for t in study.trials if t.state == optuna.trial.TrialState.RUNNING and t.intermediate_values]
+        except KeyError:
+            pass
+    os.kill(worker.pid, signal.SIGKILL)  # a worker dies mid-trial
+    worker.wait()
+    assert running, "the worker never started a trial"
+    time.sleep(3)  # past the grace period: its heartbeat is stale
+
+    fast = tune_config(tmp_path, tiny_data, *overrides[:-2])
+    tune.run(fast)
+    study = optuna.load_study(study_name="demo", storage=storage)
+    states = [t.state for t in study.trials]
+    assert states[0] == optuna.trial.TrialState.FAIL
+    retried = [t for t in study.trials if t.system_attrs.get("failed_trial") == running[0].number]
+    assert retried and retried[0].state == optuna.trial.TrialState.COMPLETE
+    assert retried[0].params == running[0].params  # the same trial, run again
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_the_dashboard_serves_the_study_over_http(tmp_path):
+    storage = f"sqlite:///{tmp_path}/optuna.db"
+    study = optuna.create_study(study_name="demo", storage=storage, direction="maximize")
+    study.optimize(lambda trial: trial.suggest_float("x", 0, 1), n_trials=2)
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "pipeline.dashboard", "-c", "configs/demo.yaml",
+                               f"tune.storage={storage}", "--port", str(port)], cwd=PROJECT_ROOT,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        body, deadline = None, time.time() + 60
+        while body is None and time.time() < deadline and server.poll() is None:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies", timeout=2) as response:
+                    body = json.loads(response.read())
+            except OSError:
+                time.sleep(0.3)
+        assert body is not None, "dashboard never answered"
+        assert [s["study_name"] for s in body["study_summaries"]] == ["demo"]
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/dashboard", timeout=5) as response:
+            assert response.status == 200
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
