@@ -9,10 +9,12 @@ median pruner stops hopeless trials. The best values are written back as a loada
 """
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import optuna
 import yaml
+from sqlalchemy.exc import SQLAlchemyError
 
 from pipeline.config import output_dir, stage_main, with_values
 from pipeline.io import atomic_write_json, atomic_write_text, git_commit
@@ -46,9 +48,16 @@ def load_study(cfg: dict) -> optuna.Study:
         else optuna.pruners.NopPruner()
     if t["pruner"] not in ("median", "none"):
         raise ValueError(f"tune.pruner {t['pruner']!r} is not median or none")
-    return optuna.create_study(study_name=t["study"], storage=make_storage(cfg), direction="maximize",
-                               sampler=optuna.samplers.TPESampler(seed=t["seed"]), pruner=pruner,
-                               load_if_exists=True)
+    for attempt in range(3):
+        try:
+            return optuna.create_study(study_name=t["study"], storage=make_storage(cfg), direction="maximize",
+                                       sampler=optuna.samplers.TPESampler(seed=t["seed"]), pruner=pruner,
+                                       load_if_exists=True)
+        except SQLAlchemyError:
+            # workers started together race to create the schema; the loser finds it made
+            if attempt == 2:
+                raise
+            time.sleep(1 + attempt)
 
 
 def suggest(trial: optuna.Trial, space: list[dict]) -> dict:

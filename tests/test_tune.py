@@ -125,3 +125,25 @@ def test_the_dashboard_serves_the_study_over_http(tmp_path):
     finally:
         server.terminate()
         server.wait(timeout=10)
+
+
+@pytest.mark.skipif(not os.environ.get("MASKFOLD_TEST_POSTGRES"),
+                    reason="no PostgreSQL server (.ci/run starts one and sets MASKFOLD_TEST_POSTGRES)")
+def test_two_workers_share_one_study_on_postgresql(tmp_path, tiny_data):
+    import uuid
+
+    storage = os.environ["MASKFOLD_TEST_POSTGRES"]
+    study_name = f"test-{uuid.uuid4().hex[:8]}"
+    overrides = [*QUICK, f"tune.storage={storage}", f"tune.study={study_name}", "tune.trials=4", "tune.pruner=none"]
+    tune_config(tmp_path, tiny_data, *overrides)
+    command = [sys.executable, "-m", "pipeline.tune", "-c", "configs/demo.yaml", f"data.root={tiny_data}",
+               f"folds.dir={tmp_path / 'folds'}", f"data.cache_dir={tmp_path / 'cache'}",
+               f"data.label_fixes={tiny_data / 'label_fixes.csv'}", *overrides]
+    workers = [subprocess.Popen([*command, f"output.dir={tmp_path / f'worker{i}'}"], cwd=PROJECT_ROOT,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for i in range(2)]
+    errors = [w.communicate(timeout=300)[1].decode()[-2000:] for w in workers]
+    assert [w.returncode for w in workers] == [0, 0], errors
+    study = optuna.load_study(study_name=study_name, storage=storage)
+    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert 4 <= len(complete) <= 5  # MaxTrialsCallback stops both; one may finish a trial in flight
+    optuna.delete_study(study_name=study_name, storage=storage)
