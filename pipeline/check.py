@@ -5,31 +5,11 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from joblib import Parallel, delayed
-from tqdm import tqdm
 
 from pipeline import labels
 from pipeline.config import output_dir, stage_main
-from pipeline.data import DataError, load_eval, load_train, read_image
+from pipeline.data import DataError, load_eval, load_train, verify_images
 from pipeline.io import atomic_write_json, git_commit
-
-
-def _verify_chunk(files):
-    problems = []
-    for file in files:
-        try:
-            read_image(file)
-        except DataError as error:
-            problems.extend(error.problems)
-    return problems
-
-
-def verify_images(files, workers: int) -> list[str]:
-    files = list(files)
-    chunks = [files[i:i + 128] for i in range(0, len(files), 128)]
-    results = Parallel(n_jobs=max(1, workers), backend="loky" if workers > 1 else "sequential")(
-        delayed(_verify_chunk)(chunk) for chunk in tqdm(chunks, desc="decode check", unit="x128img", leave=False))
-    return [p for chunk in results for p in chunk]
 
 
 def summarize(table: pd.DataFrame, people: pd.DataFrame, cfg: dict) -> dict:

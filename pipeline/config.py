@@ -94,10 +94,14 @@ def parse_override(text: str) -> tuple[str, object]:
     return key.strip(), value
 
 
+def _schema() -> dict:
+    with open(BASE_CONFIG) as handle:
+        return yaml.safe_load(handle)
+
+
 def load_config(path=None, overrides=()) -> dict:
     """Resolved config: base.yaml, then the file at `path`, then `key=value` overrides."""
-    with open(BASE_CONFIG) as handle:
-        schema = yaml.safe_load(handle)
+    schema = _schema()
     cfg = copy.deepcopy(schema)
     name = "base"
     if path is not None:
@@ -123,8 +127,7 @@ def load_config(path=None, overrides=()) -> dict:
 
 def with_values(cfg: dict, values: dict, source: str = "override") -> dict:
     """A copy of a resolved config with dotted keys set, checked like command-line overrides."""
-    with open(BASE_CONFIG) as handle:
-        schema = yaml.safe_load(handle)
+    schema = _schema()
     updated = copy.deepcopy(cfg)
     for key, value in values.items():
         _set_path(schema, updated, key, value, f"{source} '{key}'")

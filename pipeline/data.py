@@ -303,24 +303,36 @@ def crop_and_resize(image: np.ndarray, crop, size) -> np.ndarray:
 
 
 def _decode_chunk(files, crop, size):
+    """Decode, crop and resize; with size None only decode, to find the files that fail."""
     out, problems = [], []
     for file in files:
         try:
-            out.append(crop_and_resize(read_image(file), crop, size))
+            image = read_image(file)
         except DataError as error:
             problems.extend(error.problems)
-            out.append(np.zeros((size[1], size[0], 3), np.uint8))
-    return np.stack(out) if out else np.zeros((0, size[1], size[0], 3), np.uint8), problems
+            image = None
+        if size is not None:
+            out.append(np.zeros((size[1], size[0], 3), np.uint8) if image is None
+                       else crop_and_resize(image, crop, size))
+    return out, problems
 
 
 def decode_images(files, crop, size, workers: int = 2, desc: str = "decode") -> tuple[np.ndarray, list[str]]:
+    """(N, H, W, 3) uint8 images and every problem found, decoded in parallel chunks."""
     files = list(files)
     chunks = [files[i:i + 64] for i in range(0, len(files), 64)]
     results = Parallel(n_jobs=max(1, workers), backend="loky" if workers > 1 else "sequential")(
         delayed(_decode_chunk)(chunk, crop, size) for chunk in tqdm(chunks, desc=desc, unit="x64img", leave=False))
     problems = [p for _, chunk_problems in results for p in chunk_problems]
-    images = np.concatenate([imgs for imgs, _ in results]) if results else np.zeros((0, size[1], size[0], 3), np.uint8)
-    return images, problems
+    if size is None:
+        return np.zeros((0, 0, 0, 3), np.uint8), problems
+    images = [image for chunk_images, _ in results for image in chunk_images]
+    return (np.stack(images) if images else np.zeros((0, size[1], size[0], 3), np.uint8)), problems
+
+
+def verify_images(files, workers: int = 2) -> list[str]:
+    """Decode every file only to name the missing, empty or corrupt ones (the check stage)."""
+    return decode_images(files, None, None, workers, desc="decode check")[1]
 
 
 def cached_images(cfg: dict, files, desc: str = "decode") -> np.ndarray:

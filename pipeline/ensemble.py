@@ -6,6 +6,7 @@ Reads only probabilities. Weights are fitted on OOF probabilities, never on eval
 from __future__ import annotations
 
 import itertools
+import json
 
 import numpy as np
 import pandas as pd
@@ -62,6 +63,10 @@ def fold_mean_eval(cfg: dict, backbone: str) -> tuple[np.ndarray, dict]:
         if not path.exists():
             raise MissingCheckpointError(f"{backbone} fold {fold}: {path} is missing; run the infer stage "
                                          f"(its checkpoint: {job_dir(cfg, backbone, fold) / 'best.pt'})")
+        made_with = json.loads((path.parent / "infer.json").read_text()).get("tta")
+        if made_with != list(cfg["infer"]["tta"]):
+            raise RuntimeError(f"{path} was predicted with TTA {made_with}, the config now says "
+                               f"{cfg['infer']['tta']}; rerun the infer stage")
         tables.append(load_npz(path))
     ids = tables[0]["image_id"]
     if any(not np.array_equal(t["image_id"], ids) for t in tables):

@@ -6,6 +6,7 @@ gender x age band; written to folds/<dataset>-k<K>-seed<S>.csv (person_id, fold)
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -72,8 +73,6 @@ def _check_fingerprint(path: Path, people: pd.DataFrame) -> None:
     expected = people_fingerprint(people)
     if not meta_path.exists():
         raise FoldsError(f"{path}: its fingerprint file {meta_path} is missing; cannot tell which data it was made for")
-    import json
-
     recorded = json.loads(meta_path.read_text()).get("fingerprint")
     if recorded != expected:
         raise FoldsError(f"{path} was made for different data (fingerprint {recorded}, data now {expected}); "

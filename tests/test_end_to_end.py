@@ -124,3 +124,11 @@ def test_stages_skip_finished_work(tiny_run, capsys):
     infer.run(tiny_run["cfg"])
     out = capsys.readouterr().out
     assert out.count("skipping") == 6  # 3 train jobs + 3 infer jobs
+
+
+def test_ensemble_refuses_eval_tables_made_with_another_tta(tiny_run):
+    from pipeline.config import with_values
+
+    changed = with_values(tiny_run["cfg"], {"infer.tta": ["none"]})
+    with pytest.raises(RuntimeError, match="rerun the infer stage"):
+        ensemble.run(changed)

@@ -67,7 +67,7 @@ def test_a_killed_worker_loses_no_trial(tmp_path, tiny_data):
     storage = f"sqlite:///{tmp_path}/optuna.db"
     overrides = [*QUICK, f"tune.storage={storage}", "tune.trials=1", "tune.heartbeat_s=1", "tune.grace_s=2",
                  "tune.epochs=30", "train.max_batches=0"]
-    cfg = tune_config(tmp_path, tiny_data, *overrides)
+    tune_config(tmp_path, tiny_data, *overrides)
     command = [sys.executable, "-m", "pipeline.tune", "-c", "configs/demo.yaml", f"data.root={tiny_data}",
                f"output.dir={tmp_path / 'run'}", f"folds.dir={tmp_path / 'folds'}", f"data.cache_dir={tmp_path / 'cache'}",
                f"data.label_fixes={tiny_data / 'label_fixes.csv'}", *overrides]
