@@ -3,7 +3,7 @@
 #   ./run.sh                 set up if needed, generate the demo data, run every stage, print a summary
 #   ./run.sh test [ARGS]     set up if needed, run the tests (ARGS go to pytest)
 #   ./run.sh all -c CFG      every stage on another config (real data: no generation, no held-out scoring)
-#   ./run.sh <stage> ARGS    one stage: synth check folds train oof infer ensemble summary tune
+#   ./run.sh <stage> ARGS    one stage (./run.sh stages lists them; the list lives in pipeline/stages/__init__.py)
 #   ./run.sh dashboard -c CFG [--port N]   the Optuna dashboard for tune.storage, on 127.0.0.1
 #   ./run.sh setup           only create/refresh .venv
 set -euo pipefail
@@ -27,16 +27,17 @@ run_all() {
   # run_all CONFIG DEMO(0|1) [overrides...]
   local cfg=$1 demo=$2; shift 2
   local timings; timings=$(mktemp)
-  local stages=(check folds train oof infer ensemble)
-  [ "$demo" = 1 ] && stages=(synth "${stages[@]}")
+  local stages
+  mapfile -t stages < <("$PY" -m pipeline --chain "$([ "$demo" = 1 ] && echo demo || echo all)")
+  [ "${#stages[@]}" -gt 0 ] || { echo "run.sh: could not list the pipeline's stages" >&2; exit 1; }
   for stage in "${stages[@]}"; do
     echo "==> $stage" >&2
     local t0=$EPOCHREALTIME
-    "$PY" -m "pipeline.$stage" -c "$cfg" "$@"
+    "$PY" -m "pipeline.stages.$stage" -c "$cfg" "$@"
     awk -v s="$stage" -v a="$t0" -v b="$EPOCHREALTIME" 'BEGIN{printf "%s %.1f\n", s, b-a}' >> "$timings"
   done
   local score=(); [ "$demo" = 1 ] && score=(--score-heldout)
-  "$PY" -m pipeline.summary -c "$cfg" --timings "$timings" "${score[@]}" "$@"
+  "$PY" -m pipeline.stages.summary -c "$cfg" --timings "$timings" "${score[@]}" "$@"
   rm -f "$timings"
 }
 
@@ -51,9 +52,8 @@ case "$cmd" in
     [ "${1:-}" = "-c" ] || { echo "usage: ./run.sh all -c CONFIG [key=value ...]" >&2; exit 2; }
     cfg=$2; shift 2
     run_all "$cfg" 0 "$@" ;;
-  synth|check|folds|train|oof|infer|ensemble|summary|tune)
-    setup; exec "$PY" -m "pipeline.$cmd" "$@" ;;
-  dashboard) setup; exec "$PY" -m pipeline.dashboard "$@" ;;
+  stages) setup; exec "$PY" -m pipeline --list ;;
   -h|--help|help) sed -n '2,9p' "$0" ;;
-  *) echo "unknown command '$cmd' (try ./run.sh help)" >&2; exit 2 ;;
+  -*) echo "unknown option '$cmd' (try ./run.sh help)" >&2; exit 2 ;;
+  *) setup; exec "$PY" -m pipeline "$cmd" "$@" ;;  # the stage list (and its usage message) is pipeline's
 esac

@@ -6,7 +6,7 @@ import torch
 
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent.parent))
 
-from pipeline.models import MaskNet
+from pipeline.train.model import MaskNet
 
 torch.set_num_threads(int(__import__("os").environ.get("THREADS", "2")))
 models = sys.argv[1].split(",") if len(sys.argv) > 1 else ["resnet10t", "mobilenetv3_small_050", "lcnet_050",

@@ -17,7 +17,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pipeline.config import load_config  # noqa: E402
-from pipeline.train import load_train_data, train_job  # noqa: E402
+from pipeline.data.dataset import load_train_data  # noqa: E402
+from pipeline.train.loop import train_job  # noqa: E402
 
 
 def main() -> None:

@@ -1,26 +1,31 @@
 """Configs: configs/base.yaml declares every key and its default; other configs override it.
 
 Any stage takes `-c configs/<exp>.yaml` plus `key.sub=value` overrides (values parsed as YAML,
-so `train.folds=[0,2]` is a list). An unknown key is an error naming the closest valid one.
+so `train.folds=[0,2]` is a list). An unknown key is an error naming the closest valid one. After
+merging, path values may use `{config}` (the config file's stem) and `{data.root}` (or any other
+string key), and every value is checked against pipeline/schema.py: one ConfigError lists every bad
+key, so a typo stops the run at load rather than an hour into training.
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import difflib
-import sys
-import time
+import re
 from pathlib import Path
 
 import yaml
 
-from pipeline.io import PROJECT_ROOT, stable_hash
+from pipeline.errors import ConfigError
+from pipeline.io import PROJECT_ROOT
+from pipeline.schema import config_problems
 
 BASE_CONFIG = PROJECT_ROOT / "configs" / "base.yaml"
 
-
-class ConfigError(ValueError):
-    pass
+# values that are paths: they may name other keys as {data.root} and the config as {config}
+PATH_KEYS = ("data.root", "data.label_fixes", "data.cache_dir", "synth.out", "output.dir", "folds.dir")
+PLACEHOLDER = re.compile(r"\{([^{}]*)\}")
+LEADING_PLACEHOLDER = re.compile(r"^\{[A-Za-z_][\w.]*\}")
+_MISSING = object()
 
 
 def _flat_keys(tree: dict, prefix: str = "") -> list[str]:
@@ -40,19 +45,6 @@ def _unknown_key_error(key: str, schema: dict, source: str) -> ConfigError:
     return ConfigError(f"{source}: unknown config key '{key}'{hint}")
 
 
-def _check_type(key: str, default, value, source: str) -> None:
-    if default is None or value is None:
-        return
-    number = (int, float)
-    ok = (
-        isinstance(value, bool) if isinstance(default, bool)
-        else (isinstance(value, number) and not isinstance(value, bool)) if isinstance(default, number)
-        else isinstance(value, type(default))
-    )
-    if not ok:
-        raise ConfigError(f"{source}: '{key}' must be {type(default).__name__} like {default!r}, got {value!r}")
-
-
 def _merge(root: dict, schema: dict, target: dict, updates: dict, source: str, prefix: str = "") -> None:
     for key, value in updates.items():
         path = f"{prefix}{key}"
@@ -62,8 +54,7 @@ def _merge(root: dict, schema: dict, target: dict, updates: dict, source: str, p
         if isinstance(default, dict) and default and isinstance(value, dict):
             _merge(root, default, target[key], value, source, path + ".")
         else:
-            _check_type(path, default, value, source)
-            target[key] = copy.deepcopy(value)
+            target[key] = copy.deepcopy(value)  # its value is checked by pipeline/schema.py after merging
 
 
 def _set_path(schema: dict, cfg: dict, dotted: str, value, source: str) -> None:
@@ -75,18 +66,22 @@ def _set_path(schema: dict, cfg: dict, dotted: str, value, source: str) -> None:
         if not free_map and (not isinstance(node_schema, dict) or part not in node_schema):
             raise _unknown_key_error(dotted, schema, source)
         if last:
-            if not free_map:
-                _check_type(dotted, node_schema[part], value, source)
             node[part] = value
         else:
             node_schema = node_schema.get(part, {}) if isinstance(node_schema, dict) else {}
             node = node.setdefault(part, {})
+            if not isinstance(node, dict):  # e.g. `model.head_weights=3` then `model.head_weights.age=2`
+                raise ConfigError(f"{source}: '{'.'.join(parts[:depth + 1])}' is {node!r}, not a mapping")
 
 
 def parse_override(text: str) -> tuple[str, object]:
+    """`key.sub=value` -> (key, value parsed as YAML); a value starting with a placeholder stays a string."""
     if "=" not in text:
         raise ConfigError(f"override '{text}' is not key.sub=value")
     key, raw = text.split("=", 1)
+    if LEADING_PLACEHOLDER.match(raw):
+        # YAML would read `{data.root}/x.csv` as a broken flow mapping; a path is meant
+        return key.strip(), raw
     try:
         value = yaml.safe_load(raw) if raw != "" else ""
     except yaml.YAMLError as error:
@@ -99,69 +94,118 @@ def _schema() -> dict:
         return yaml.safe_load(handle)
 
 
+def _read_config_file(path: Path) -> dict:
+    if not path.exists():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        with open(path) as handle:
+            updates = yaml.safe_load(handle) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: not valid YAML ({error})") from error
+    if not isinstance(updates, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of sections")
+    return updates
+
+
 def load_config(path=None, overrides=()) -> dict:
-    """Resolved config: base.yaml, then the file at `path`, then `key=value` overrides."""
+    """Resolved config: base.yaml, then the file at `path`, then `key=value` overrides; placeholders
+    filled in and every value checked (ConfigError naming each bad key)."""
     schema = _schema()
     cfg = copy.deepcopy(schema)
     name = "base"
     if path is not None:
         path = Path(path)
-        if not path.exists():
-            raise ConfigError(f"config file {path} does not exist")
-        try:
-            with open(path) as handle:
-                updates = yaml.safe_load(handle) or {}
-        except yaml.YAMLError as error:
-            raise ConfigError(f"{path}: not valid YAML ({error})") from error
-        if not isinstance(updates, dict):
-            raise ConfigError(f"{path}: top level must be a mapping of sections")
-        _merge(schema, schema, cfg, updates, str(path))
+        _merge(schema, schema, cfg, _read_config_file(path), str(path))
         name = path.stem
     for text in overrides:
         key, value = parse_override(text)
         _set_path(schema, cfg, key, value, f"override '{text}'")
     cfg["name"] = name
-    cfg["output"]["dir"] = str(cfg["output"]["dir"]).format(config=name)
-    return cfg
+    source = str(path if path is not None else BASE_CONFIG.relative_to(PROJECT_ROOT))
+    if overrides:
+        source += " with overrides " + " ".join(overrides)
+    return _resolved_and_checked(cfg, schema, source)
 
 
 def with_values(cfg: dict, values: dict, source: str = "override") -> dict:
-    """A copy of a resolved config with dotted keys set, checked like command-line overrides."""
+    """A copy of a resolved config with dotted keys set, checked like command-line overrides
+    (placeholders in the new values are filled in; the others were filled when `cfg` was loaded)."""
     schema = _schema()
     updated = copy.deepcopy(cfg)
     for key, value in values.items():
         _set_path(schema, updated, key, value, f"{source} '{key}'")
-    return updated
+    shown = ", ".join(f"{key}={value!r}" for key, value in values.items())
+    return _resolved_and_checked(updated, schema, f"{source} ({shown})")
 
 
-def section_hash(cfg: dict, *sections: str) -> str:
-    """Hash of the config sections an artifact depends on, so unrelated edits don't invalidate it."""
-    return stable_hash({section: cfg.get(section) for section in sections})
+def _resolved_and_checked(cfg: dict, schema: dict, source: str) -> dict:
+    """Fill placeholders, then check every value; one ConfigError lists all problems of both kinds."""
+    known_keys = [key for key in _flat_keys(schema) if "." in key]
+    problems = _fill_placeholders(cfg, known_keys)
+    problems += [line for line in config_problems(cfg, known_keys) if line not in problems]
+    if problems:
+        count = f"{len(problems)} invalid config value{'s' if len(problems) > 1 else ''}"
+        raise ConfigError(f"{source}: {count}:\n  " + "\n  ".join(problems))
+    return cfg
 
 
-def output_dir(cfg: dict, *parts: str) -> Path:
-    return Path(cfg["output"]["dir"]).joinpath(*parts)
+# ---- placeholders: {config} and {dotted.key} in path values ----
+
+def _lookup(cfg: dict, dotted: str):
+    node = cfg
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return _MISSING
+        node = node[part]
+    return node
 
 
-def stage_main(run, description: str, extra_args=None) -> None:
-    """The thin CLI every stage shares: `python -m pipeline.<stage> -c CFG [--force] [key=value ...]`."""
-    parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("-c", "--config", default=str(PROJECT_ROOT / "configs" / "demo.yaml"),
-                        help="YAML config (default: configs/demo.yaml)")
-    parser.add_argument("--force", action="store_true", help="redo work whose outputs already exist")
-    parser.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. train.folds=[0,2]")
-    if extra_args:
-        extra_args(parser)
-    args = parser.parse_args()
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as error:
-        sys.exit(f"config error: {error}")
-    started = time.time()
-    extra = {k: v for k, v in vars(args).items() if k not in ("config", "overrides", "force")}
-    try:
-        run(cfg, force=args.force, **extra)
-    except (ConfigError, FileNotFoundError, ValueError, RuntimeError) as error:
-        sys.exit(f"error: {error}")
-    module = run.__module__ if run.__module__ != "__main__" else sys.modules["__main__"].__spec__.name
-    print(f"[{module.split('.')[-1]}] done in {time.time() - started:.1f}s")
+def _path_values(cfg: dict):
+    """(key, container, slot) of every path value that may hold placeholders."""
+    for key in PATH_KEYS:
+        section, name = key.split(".")
+        if isinstance(cfg.get(section), dict):
+            yield key, cfg[section], name
+    files = _lookup(cfg, "model.pretrained_files")
+    if isinstance(files, dict):
+        for backbone in files:
+            yield f"model.pretrained_files.{backbone}", files, backbone
+
+
+def _fill_placeholders(cfg: dict, known_keys: list[str]) -> list[str]:
+    """Replace placeholders in path values in place; return a problem line for each that cannot be filled."""
+    problems: list[str] = []
+    for key, container, slot in _path_values(cfg):
+        if isinstance(container[slot], str):
+            container[slot] = _fill(cfg, key, container[slot], known_keys, problems, chain=(key,))
+    return list(dict.fromkeys(problems))
+
+
+def _fill(cfg: dict, key: str, text: str, known_keys: list[str], problems: list[str], chain: tuple) -> str:
+    def replace(match: re.Match) -> str:
+        ref = match.group(1)
+        if ref == "config" and cfg.get("name"):
+            return str(cfg["name"])
+        value = _lookup(cfg, ref)
+        problem = _placeholder_problem(ref, value, chain, known_keys)
+        if problem:
+            problems.append(f"{key} = {text!r}: {problem}")
+            return match.group(0)
+        # a referenced path may itself use placeholders ({data.cache_dir} -> {data.root}/cache)
+        return _fill(cfg, ref, str(value), known_keys, problems, chain + (ref,))
+
+    return PLACEHOLDER.sub(replace, text)
+
+
+def _placeholder_problem(ref: str, value, chain: tuple, known_keys: list[str]) -> str | None:
+    if ref == "config":
+        return "placeholder {config} needs the config's name (cfg['name'], set by load_config)"
+    if value is _MISSING:
+        close = difflib.get_close_matches(ref, ["config", *known_keys], n=1)
+        hint = f"; did you mean {{{close[0]}}}?" if close else ""
+        return f"placeholder {{{ref}}} names no config key{hint} (use {{config}} or a key such as {{data.root}})"
+    if ref in chain:
+        return f"placeholders loop: {' -> '.join(chain + (ref,))}"
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        return f"placeholder {{{ref}}} must name a string or integer key; {ref} is {value!r}"
+    return None

@@ -69,7 +69,9 @@ def torch_load(path):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # a truncated or foreign file: say which
-        raise RuntimeError(f"{path}: cannot load checkpoint ({error})") from error
+        from pipeline.errors import ArtifactError
+
+        raise ArtifactError(f"{path}: cannot load checkpoint ({error})") from error
 
 
 def load_npz(path) -> dict[str, np.ndarray]:
@@ -103,6 +105,11 @@ def git_commit() -> str:
 def stable_hash(obj, length: int = 12) -> str:
     text = json.dumps(obj, sort_keys=True, default=_json_default)
     return hashlib.sha256(text.encode()).hexdigest()[:length]
+
+
+def provenance(cfg: dict, seed: int, data_fingerprint: str) -> dict:
+    """What every report embeds: the resolved config, the seed, the data fingerprint and the git commit."""
+    return {"config": cfg, "seed": seed, "data_fingerprint": data_fingerprint, "git_commit": git_commit()}
 
 
 def write_provenance(folder, cfg: dict, seed: int, extra: dict | None = None) -> None:

@@ -1,9 +1,14 @@
-"""The only place that knows the 18-class math and the age bands.
+"""The only place that knows the class layout: the 18-class math, the heads and the age bands.
 
 class = mask * 6 + gender * 3 + age_band
   mask:   worn 0 (mask1..mask5), incorrect 1 (incorrect_mask), not worn 2 (normal)
   gender: male 0, female 1
   age:    <30 -> 0, 30..old-1 -> 1, >=old -> 2
+
+A multihead model emits the heads' logits side by side (mask 3, gender 2, age 3); a single-head
+model emits 18. Every probability table holds each head and the joint (TABLE_KEYS). The functions
+below work on numpy arrays and torch tensors alike (only methods both share), so this module needs
+no torch import.
 """
 from __future__ import annotations
 
@@ -11,7 +16,9 @@ import numpy as np
 
 NUM_MASK, NUM_GENDER, NUM_AGE = 3, 2, 3
 NUM_CLASSES = NUM_MASK * NUM_GENDER * NUM_AGE  # 18
-HEADS = {"mask": NUM_MASK, "gender": NUM_GENDER, "age": NUM_AGE}
+HEADS = {"mask": NUM_MASK, "gender": NUM_GENDER, "age": NUM_AGE}  # name -> size, in logit order
+TABLE_KEYS = (*HEADS, "joint")  # what every probability table holds
+HEAD_KINDS = ("multihead", "single")
 
 MASK_BY_STEM = {
     "mask1": 0, "mask2": 0, "mask3": 0, "mask4": 0, "mask5": 0,
@@ -66,13 +73,54 @@ def decompose(class_idx):
     return mask, gender, age
 
 
-def joint_from_heads(p_mask, p_gender, p_age) -> np.ndarray:
+def joint_from_heads(p_mask, p_gender, p_age):
     """18-class probabilities as the product of the three heads, in class order."""
     joint = p_mask[:, :, None, None] * p_gender[:, None, :, None] * p_age[:, None, None, :]
     return joint.reshape(len(p_mask), NUM_CLASSES)
 
 
-def heads_from_joint(joint: np.ndarray) -> dict[str, np.ndarray]:
+def heads_from_joint(joint) -> dict:
     """Marginal per-head probabilities of an 18-class table."""
-    cube = np.asarray(joint).reshape(-1, NUM_MASK, NUM_GENDER, NUM_AGE)
-    return {"mask": cube.sum(axis=(2, 3)), "gender": cube.sum(axis=(1, 3)), "age": cube.sum(axis=(1, 2))}
+    cube = joint.reshape(-1, NUM_MASK, NUM_GENDER, NUM_AGE)
+    return {"mask": cube.sum((2, 3)), "gender": cube.sum((1, 3)), "age": cube.sum((1, 2))}
+
+
+def num_outputs(head_kind: str) -> int:
+    """Logits a model emits: the heads side by side, or the 18 classes."""
+    return sum(HEADS.values()) if head_kind == "multihead" else NUM_CLASSES
+
+
+def trained_heads(head_kind: str) -> tuple[str, ...]:
+    """The targets a model of this kind is trained on: each head, or the joint class."""
+    return tuple(HEADS) if head_kind == "multihead" else ("joint",)
+
+
+def split_logits(logits, head_kind: str) -> dict:
+    """Logits per trained head (see trained_heads)."""
+    if head_kind != "multihead":
+        return {"joint": logits}
+    parts, start = {}, 0
+    for name, size in HEADS.items():
+        parts[name] = logits[:, start:start + size]
+        start += size
+    return parts
+
+
+def probabilities(logits, head_kind: str) -> dict:
+    """Softmax per head and the 18-class joint from a torch logits batch (TABLE_KEYS).
+
+    A multihead model's joint is the product of its heads; a single-head model's heads are the
+    marginals of its joint.
+    """
+    logits = logits.float()
+    if head_kind == "multihead":
+        heads = {name: part.softmax(1) for name, part in split_logits(logits, head_kind).items()}
+        return {**heads, "joint": joint_from_heads(heads["mask"], heads["gender"], heads["age"])}
+    joint = logits.softmax(1)
+    return {**heads_from_joint(joint), "joint": joint}
+
+
+def targets(mask, gender, band) -> dict[str, np.ndarray]:
+    """Integer targets of every head and the joint class, per image."""
+    return {"mask": np.asarray(mask), "gender": np.asarray(gender), "age": np.asarray(band),
+            "joint": class_index(mask, gender, band)}

@@ -25,7 +25,7 @@ def make_config(tmp: Path, data_root: Path, *overrides: str) -> dict:
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory) -> Path:
     """A small synthetic dataset in the competition layout, generated once per test session."""
-    from pipeline import synth
+    from pipeline.stages import synth
 
     root = tmp_path_factory.mktemp("tiny") / "data"
     cfg = make_config(root.parent, root, "synth.people=12", "synth.eval_people=3", "synth.image_size=[96,128]")

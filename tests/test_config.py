@@ -1,6 +1,10 @@
-import pytest
+from pathlib import Path
 
-from pipeline.config import ConfigError, load_config
+import pytest
+import yaml
+
+from pipeline.config import BASE_CONFIG, ConfigError, load_config, with_values
+from pipeline.schema import Config
 
 
 def test_overrides_are_parsed_as_yaml_values():
@@ -42,3 +46,137 @@ def test_keys_that_outside_checks_rely_on_exist():
             assert part in node, dotted
             node = node[part]
     assert load_config("configs/base.yaml")["synth"]["image_size"] == [384, 512]
+
+
+# ---- values are checked at load (pipeline/schema.py) ----
+
+@pytest.mark.parametrize("override, key, allowed", [
+    ("train.schedule=cosin", "train.schedule = 'cosin'", "one of cosine, step, plateau, none"),
+    ("infer.tta=[vflip]", "infer.tta = ['vflip']", "none, hflip or scale:<factor > 0>"),
+    ("ensemble.weights=fitt", "ensemble.weights = 'fitt'", "one of equal, fit"),
+    ("model.head=multi", "model.head = 'multi'", "one of multihead, single"),
+    ('data.image_size=[288,"x"]', "data.image_size = [288, 'x']", "2 integers [w, h], each >= 16"),
+    ("train.epochs=null", "train.epochs = None", "an integer >= 1"),
+    ("train.epochs=2.5", "train.epochs = 2.5", "an integer >= 1"),
+    ("train.epochs=-1", "train.epochs = -1", "an integer >= 1"),
+    ("output.dir=null", "output.dir = None", "a non-empty path"),
+    ("data.image_size=[48]", "data.image_size = [48]", "2 integers [w, h], each >= 16"),
+    ("data.crop=[0.9,0.05,0.1,0.85]", "data.crop = [0.9, 0.05, 0.1, 0.85]", "x0 < x1 and y0 < y1"),
+    ("train.folds=zero", "train.folds = 'zero'", "null (all folds) or a non-empty list of distinct fold numbers"),
+    ("train.folds=[7]", "train.folds = [7]", "folds in 0..4 (folds.k = 5)"),
+])
+def test_a_bad_value_is_refused_at_load_naming_key_value_and_what_is_allowed(override, key, allowed):
+    with pytest.raises(ConfigError) as caught:
+        load_config("configs/demo.yaml", [override])
+    message = str(caught.value)
+    assert f"\n  {key}: " in message
+    assert allowed in message
+
+
+@pytest.mark.parametrize("override, line", [
+    ("data.old_age=30", "data.old_age = 30: must be an integer in 31..120"),
+    ("synth.image_size=[16,16]", "synth.image_size = [16, 16]: must be 2 integers [w, h], each >= 32"),
+    ("model.backbones=[a, a]", "model.backbones = ['a', 'a']: must be a non-empty list of distinct"),
+    ("model.head_weights={mask: 1, eyes: 2}", "model.head_weights = {'mask': 1, 'eyes': 2}: must be a mapping of mask"),
+    ("train.momentum=1", "train.momentum = 1: must be a number in [0, 1)"),
+    ("infer.tta=[none, none]", "infer.tta = ['none', 'none']: must be a non-empty list of distinct views"),
+    ("infer.tta=['scale:0']", "infer.tta = ['scale:0']: must be"),
+    ("ensemble.weight_step=0.3", "ensemble.weight_step = 0.3: must be a number in (0, 1] whose inverse is whole"),
+    ("tune.storage=optuna.db", "tune.storage = 'optuna.db': must be a storage URL: sqlite:///FILE"),
+    ("tune.grace_s=60", "tune.grace_s = 60: must be greater than tune.heartbeat_s (60)"),
+    ("tune.folds=[0, 5]", "tune.folds = [0, 5]: must list folds in 0..4"),
+    ("augment.train=[{p: 1}]", "augment.train[0] = {'p': 1}: must be null or a list of albumentations transforms"),
+    ("augment.std=[0.2, 0.2, 0]", "augment.std = [0.2, 0.2, 0]: must be 3 numbers > 0"),
+])
+def test_other_rules_refuse_a_bad_value_naming_the_key(override, line):
+    with pytest.raises(ConfigError) as caught:
+        load_config("configs/demo.yaml", [override])
+    assert f"\n  {line}" in str(caught.value)
+
+
+@pytest.mark.parametrize("override", [
+    "train.lr=1", "train.folds=[0,4]", "infer.tta=[none, hflip, 'scale:1.1']", "data.label_fixes=null",
+    "tune.storage=postgresql://user:pw@host/db", "tune.backbone=regnetx_002", "model.head_weights={age: 2}",
+    "train.schedule=plateau", "ensemble.weight_step=0.25", "augment.train=null",
+])
+def test_good_values_still_load(override):
+    # plateau is fine here: the demo's warmup is overridden to 0 below
+    load_config("configs/demo.yaml", [override, "train.warmup_epochs=0"])
+
+
+SHIPPED_CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", SHIPPED_CONFIGS, ids=lambda path: path.name)
+def test_every_shipped_config_loads(path):
+    assert load_config(path)["name"] == path.stem
+
+
+@pytest.mark.parametrize("override", ["train.epochs=2.0", "train.epochs='3'", "train.amp=1", "model.pretrained=0"])
+def test_types_are_strict_no_silent_conversion(override):
+    with pytest.raises(ConfigError, match=override.split("=")[0].replace(".", r"\.") + " = "):
+        load_config("configs/demo.yaml", [override])
+
+
+def test_one_error_lists_every_bad_key_under_a_line_naming_the_source():
+    with pytest.raises(ConfigError) as caught:
+        load_config("configs/demo.yaml", ["train.epochs=0", "model.head=x", "infer.tta=[]", "train.lr=fast"])
+    first, *lines = str(caught.value).splitlines()
+    assert "configs/demo.yaml" in first and "train.epochs=0" in first and "4 invalid" in first
+    assert sorted(line.split(" = ")[0].strip() for line in lines) == [
+        "infer.tta", "model.head", "train.epochs", "train.lr"]
+
+
+def test_plateau_with_warmup_is_refused_and_says_how_to_fix_it():
+    with pytest.raises(ConfigError, match=r"train\.warmup_epochs = 1: .*set train\.warmup_epochs=0"):
+        load_config("configs/demo.yaml", ["train.schedule=plateau", "train.warmup_epochs=1"])
+
+
+def test_training_age_cut_may_not_move_above_the_official_one():
+    with pytest.raises(ConfigError, match=r"data\.train_old_age = 61: must be <= data\.old_age \(60\)"):
+        load_config("configs/demo.yaml", ["data.train_old_age=61"])
+
+
+def test_tune_space_param_must_be_a_config_key():
+    with pytest.raises(ConfigError, match=r"tune\.space\[0\] = .*'train\.lrr' is not a config key.*'train\.lr'"):
+        load_config("configs/demo.yaml", ["tune.space=[{param: train.lrr, type: float, low: 0.01, high: 0.1}]"])
+
+
+def test_tune_space_values_a_trial_could_draw_are_checked_at_load():
+    with pytest.raises(ConfigError, match=r"tune\.space\[0\] = .*train\.loss = 'focall': must be one of"):
+        load_config("configs/demo.yaml", ["tune.space=[{param: train.loss, type: categorical, choices: [ce, focall]}]"])
+    with pytest.raises(ConfigError, match=r"tune\.space\[0\] = .*needs low < high"):
+        load_config("configs/demo.yaml", ["tune.space=[{param: train.lr, type: float, low: 0.1, high: 0.01}]"])
+
+
+def test_with_values_checks_values_like_load_config():
+    cfg = load_config("configs/demo.yaml")
+    assert with_values(cfg, {"train.lr": 0.05})["train"]["lr"] == 0.05
+    with pytest.raises(ConfigError, match=r"^tune\.space \(train\.lr=-1\).*\n  train\.lr = -1: must be a number > 0"):
+        with_values(cfg, {"train.lr": -1}, "tune.space")
+
+
+def test_schema_declares_exactly_the_keys_of_base_yaml_and_says_what_each_allows():
+    with open(BASE_CONFIG) as handle:
+        base = yaml.safe_load(handle)
+    assert list(Config.model_fields) == list(base)
+    for section, field in Config.model_fields.items():
+        assert list(field.annotation.model_fields) == list(base[section]), section
+        for key, info in field.annotation.model_fields.items():
+            assert info.description, f"{section}.{key} has no 'allowed' text for its errors"
+
+
+# ---- placeholders: relative data paths follow the data ----
+
+def test_label_fixes_follow_data_root(tmp_path):
+    cfg = load_config("configs/demo.yaml", [f"data.root={tmp_path}"])
+    assert cfg["data"]["label_fixes"] == f"{tmp_path}/label_fixes.csv"
+    assert cfg["output"]["dir"] == "runs/demo"
+    # on the command line a leading placeholder is a path, not a YAML mapping
+    cfg = load_config("configs/demo.yaml", [f"data.root={tmp_path}", "data.cache_dir={data.root}/cache/{config}"])
+    assert cfg["data"]["cache_dir"] == f"{tmp_path}/cache/demo"
+
+
+def test_a_placeholder_naming_no_key_is_an_error():
+    with pytest.raises(ConfigError, match=r"data\.label_fixes = '\{data\.rot\}/x\.csv': .*did you mean \{data\.root\}"):
+        load_config("configs/demo.yaml", ["data.label_fixes={data.rot}/x.csv"])

@@ -5,8 +5,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from pipeline import check
-from pipeline.data import DataError, load_train
+from pipeline.data.layout import load_train
+from pipeline.errors import DataError
+from pipeline.stages import check
 from tests.conftest import REAL_META, make_config
 
 
@@ -150,7 +151,7 @@ def test_label_fixes_are_applied_and_logged(tmp_path, data_copy):
 
 @pytest.mark.skipif(not (REAL_META / "train.csv").exists(), reason="real metadata not present")
 def test_real_metadata_ingests_with_the_real_counts(tmp_path):
-    from pipeline.data import read_people
+    from pipeline.data.layout import read_people
     from pipeline import labels
 
     (tmp_path / "train").mkdir()

@@ -1,13 +1,17 @@
 """One tiny run of every stage on generated data: synth -> check -> folds -> train -> oof -> infer -> ensemble."""
 import json
+import shutil
 
 import numpy as np
 import pandas as pd
 import pytest
 from sklearn.metrics import f1_score
 
-from pipeline import check, ensemble, folds, infer, oof, synth, train
+from pipeline.config import with_values
+from pipeline.errors import ArtifactError, MaskfoldError, MissingArtifactError, StaleArtifactError
+from pipeline.evaluate.ensemble import check_submission, combine
 from pipeline.io import load_npz
+from pipeline.stages import check, ensemble, folds, infer, oof, summary, synth, train
 from tests.conftest import make_config
 
 TINY = ["synth.people=60", "synth.eval_people=6", "synth.image_size=[96,128]", "data.image_size=[40,48]",
@@ -62,7 +66,7 @@ def test_oof_report_has_plots_and_tables(tiny_run):
 def test_every_train_artifact_records_config_seed_and_commit(tiny_run):
     job = tiny_run["tmp"] / "run" / "train" / "mobilenetv3_small_050" / "fold0"
     meta = json.loads((job / "meta.json").read_text())
-    assert {"seed", "git_commit", "job_hash", "data_fingerprint"} <= set(meta)
+    assert {"seed", "git_commit", "job_key", "data_fingerprint"} <= set(meta)
     assert (job / "config.yaml").exists()
     lines = (job / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == json.loads((job / "done.json").read_text())["epochs_run"]
@@ -83,13 +87,13 @@ def test_submission_has_info_csv_rows_in_order_with_integer_classes(tiny_run):
 
 def test_check_submission_refuses_bad_rows():
     info = pd.DataFrame({"ImageID": ["a.jpg", "b.jpg"], "ans": [0, 0]})
-    with pytest.raises(RuntimeError, match="order"):
-        ensemble.check_submission(pd.DataFrame({"ImageID": ["b.jpg", "a.jpg"], "ans": [1, 2]}), info)
-    with pytest.raises(RuntimeError, match="integers"):
-        ensemble.check_submission(pd.DataFrame({"ImageID": ["a.jpg", "b.jpg"], "ans": [1, 18]}), info)
-    with pytest.raises(RuntimeError, match="integers"):
-        ensemble.check_submission(pd.DataFrame({"ImageID": ["a.jpg", "b.jpg"], "ans": [1.5, 2.0]}), info)
-    ensemble.check_submission(pd.DataFrame({"ImageID": ["a.jpg", "b.jpg"], "ans": [1, 17]}), info)
+    with pytest.raises(MaskfoldError, match="order"):
+        check_submission(pd.DataFrame({"ImageID": ["b.jpg", "a.jpg"], "ans": [1, 2]}), info)
+    with pytest.raises(MaskfoldError, match="integers"):
+        check_submission(pd.DataFrame({"ImageID": ["a.jpg", "b.jpg"], "ans": [1, 18]}), info)
+    with pytest.raises(MaskfoldError, match="integers"):
+        check_submission(pd.DataFrame({"ImageID": ["a.jpg", "b.jpg"], "ans": [1.5, 2.0]}), info)
+    check_submission(pd.DataFrame({"ImageID": ["a.jpg", "b.jpg"], "ans": [1, 17]}), info)
 
 
 def test_a_missing_fold_checkpoint_is_an_error_naming_it(tiny_run, tmp_path):
@@ -100,7 +104,7 @@ def test_a_missing_fold_checkpoint_is_an_error_naming_it(tiny_run, tmp_path):
     moved = tmp_path / "best.pt"
     shutil.move(best, moved)
     try:
-        with pytest.raises(infer.MissingCheckpointError, match=str(best)):
+        with pytest.raises(MissingArtifactError, match=str(best)):
             infer.run(cfg)
     finally:
         shutil.move(moved, best)
@@ -113,7 +117,7 @@ def test_oof_refuses_a_backbone_with_incomplete_folds(tiny_run, tmp_path):
     moved = tmp_path / "val_probs.npz"
     shutil.move(val, moved)
     try:
-        with pytest.raises(oof.IncompleteFoldsError, match="fold 2"):
+        with pytest.raises(ArtifactError, match="fold 2"):
             oof.run(tiny_run["cfg"])
     finally:
         shutil.move(moved, val)
@@ -127,8 +131,87 @@ def test_stages_skip_finished_work(tiny_run, capsys):
 
 
 def test_ensemble_refuses_eval_tables_made_with_another_tta(tiny_run):
-    from pipeline.config import with_values
-
     changed = with_values(tiny_run["cfg"], {"infer.tta": ["none"]})
-    with pytest.raises(RuntimeError, match="rerun the infer stage"):
+    with pytest.raises(StaleArtifactError, match=r"tta \['none', 'hflip'\] -> \['none'\].*re-run: ./run.sh infer"):
         ensemble.run(changed)
+
+
+def test_infer_without_tta_reproduces_the_training_runs_validation_tables(tiny_run, tmp_path):
+    cfg = with_values(tiny_run["cfg"], {"infer.tta": ["none"], "output.dir": str(tmp_path / "run")})
+    shutil.copytree(tiny_run["tmp"] / "run" / "train", tmp_path / "run" / "train")
+    infer.run(cfg)
+    for fold in range(3):
+        trained = load_npz(tmp_path / "run" / "train" / "mobilenetv3_small_050" / f"fold{fold}" / "val_probs.npz")
+        inferred = load_npz(tmp_path / "run" / "infer" / "mobilenetv3_small_050" / f"fold{fold}" / "val_probs_tta.npz")
+        np.testing.assert_array_equal(trained["image_id"], inferred["image_id"])
+        for key in ("probs_joint", "probs_mask", "probs_gender", "probs_age"):
+            np.testing.assert_allclose(trained[key], inferred[key], rtol=1e-5, atol=1e-6)
+
+
+def test_a_killed_rerun_of_infer_never_leaves_a_table_marked_current(tiny_run, tmp_path, monkeypatch):
+    """Rerun infer with another TTA, killed right after fold 0's eval table is replaced; then the original
+    config must redo fold 0, not skip it, and the submission must equal the uninterrupted run's."""
+    from pipeline.train import predict as predict_module
+
+    shutil.copytree(tiny_run["tmp"] / "run", tmp_path / "run")
+    cfg = with_values(tiny_run["cfg"], {"output.dir": str(tmp_path / "run")})
+    original = (tmp_path / "run" / "submission.csv").read_bytes()
+    real_save = predict_module.save_probs
+
+    def killed_after_eval_table(path, *args, **kwargs):
+        real_save(path, *args, **kwargs)
+        if path.name == "eval_probs.npz":
+            raise KeyboardInterrupt("killed")
+
+    monkeypatch.setattr(predict_module, "save_probs", killed_after_eval_table)
+    with pytest.raises(KeyboardInterrupt):
+        infer.run(with_values(cfg, {"infer.tta": ["none"]}))
+    monkeypatch.setattr(predict_module, "save_probs", real_save)
+    infer.run(cfg)
+    ensemble.run(cfg)
+    assert (tmp_path / "run" / "submission.csv").read_bytes() == original
+
+
+def test_ensemble_by_heads_without_tta_is_the_product_of_the_heads_fold_means(tiny_run):
+    cfg = with_values(tiny_run["cfg"], {"ensemble.combine": "heads", "ensemble.use_tta": False})
+    report = ensemble.run(cfg)
+    infer_dir = tiny_run["tmp"] / "run" / "infer" / "mobilenetv3_small_050"
+    tables = [load_npz(infer_dir / f"fold{f}" / "eval_probs.npz") for f in range(3)]
+    member = {k: np.mean([t[f"probs_{k}"] for t in tables], axis=0) for k in ("mask", "gender", "age", "joint")}
+    expected = combine([member], [1.0], "heads")["joint"].argmax(1)
+    assert not np.allclose(combine([member], [1.0], "heads")["joint"], member["joint"])  # heads mode differs
+    submission = pd.read_csv(tiny_run["tmp"] / "run" / "submission.csv", dtype={"ImageID": str})
+    np.testing.assert_array_equal(submission["ans"].to_numpy(), expected)
+    assert report["combine"] == "heads" and report["use_tta"] is False
+    oof_table = load_npz(tiny_run["tmp"] / "run" / "oof" / "mobilenetv3_small_050.npz")
+    untta = combine([{k: oof_table[f"probs_{k}"] for k in member}], [1.0], "heads")
+    assert report["ensemble"]["oof"]["f1"] == pytest.approx(
+        f1_score(oof_table["label"], untta["joint"].argmax(1), labels=list(range(18)), average="macro", zero_division=0))
+    ensemble.run(tiny_run["cfg"])  # leave the module's run as it was
+
+
+def test_summary_scores_the_submission_against_the_held_out_answers(tiny_run, capsys):
+    text = summary.run(tiny_run["cfg"], score_heldout=True)
+    answers = pd.read_csv(tiny_run["tmp"] / "data" / "eval_answers.csv", dtype={"ImageID": str})
+    submission = pd.read_csv(tiny_run["tmp"] / "run" / "submission.csv", dtype={"ImageID": str})
+    merged = submission.merge(answers, on="ImageID", suffixes=("_pred", "_true"))
+    expected = f1_score(merged["ans_true"], merged["ans_pred"], labels=list(range(18)), average="macro", zero_division=0)
+    assert len(merged) == len(answers)
+    assert f"demo eval macro F1 (held-out answers): {expected:.4f}" in text
+    assert "mobilenetv3_small_050" in text and "ENSEMBLE" in text
+
+
+def test_an_ensemble_never_mixes_new_checkpoints_with_old_inference_tables(tmp_path, tiny_data):
+    """The stale-ensemble bug: train --force under a changed config, then ensemble without re-running infer."""
+    quick = ["folds.k=3", "model.backbones=[mobilenetv3_small_050]", "data.image_size=[32,40]", "train.epochs=1",
+             "train.max_batches=1", "train.batch_size=8", "infer.tta=[none]"]
+    cfg = make_config(tmp_path, tiny_data, *quick)
+    for stage in (folds, train, infer, ensemble):
+        stage.run(cfg)
+    changed = make_config(tmp_path, tiny_data, *quick, "train.lr=0.02")
+    train.run(changed, force=True)
+    with pytest.raises(StaleArtifactError, match=r"infer tables mobilenetv3_small_050 fold 0: stale.*train_token"
+                                                 r".*re-run: ./run.sh infer"):
+        ensemble.run(changed)
+    infer.run(changed)  # re-running infer, as the message says, makes the ensemble possible again
+    assert ensemble.run(changed)["weights"] == {"mobilenetv3_small_050": 1.0}

@@ -1,12 +1,16 @@
 """Soft voting, OOF-fitted weights and TTA, on probability tables alone."""
 import inspect
+import types
 
 import numpy as np
 import pytest
 import torch
 
-from pipeline import ensemble, labels
-from pipeline.models import MaskNet, predict
+from pipeline import labels
+from pipeline.evaluate import ensemble
+from pipeline.stages import ensemble as ensemble_stage
+from pipeline.train.model import MaskNet
+from pipeline.train.predict import predict, tta_views
 
 
 def member(seed, n=200):
@@ -53,24 +57,29 @@ def test_ensemble_weights_do_not_change_when_eval_probabilities_change(tmp_path,
     good, noise = informative_and_confident_noise(label, 5)
     oof = {"a": good, "b": noise}
     ids = np.array([f"{i:040x}.jpg" for i in range(30)])
-    info = pd.DataFrame({"ImageID": ids, "ans": 0})
+    info = pd.DataFrame({"ImageID": ids, "ans": 0, "file": ids})
 
-    def pooled(cfg, backbone, fingerprint, name="val_probs.npz", root_of=None):
+    def pooled(cfg, backbone, table):
         return {"image_id": np.arange(120).astype(str), "label": label, "fold": np.zeros(120, int),
                 **{f"probs_{k}": v for k, v in oof[backbone].items()}}
 
-    monkeypatch.setattr(ensemble, "load_train", lambda cfg: (pd.DataFrame({"image_id": []}), {}))
-    monkeypatch.setattr(ensemble, "data_fingerprint", lambda table: "fp")
-    monkeypatch.setattr(ensemble, "check_coverage", lambda *a: None)
-    monkeypatch.setattr(ensemble, "pool_backbone", pooled)
-    monkeypatch.setattr(ensemble, "read_csv", lambda *a: info)
+    stage = ensemble_stage
+    monkeypatch.setattr(stage, "load_train", lambda cfg: (pd.DataFrame({"image_id": [], "person_id": [],
+                                                                         "label": [], "age": []}), {}))
+    monkeypatch.setattr(stage, "load_eval", lambda cfg: (info, []))
+    monkeypatch.setattr(stage, "files_key", lambda files: "eval")
+    monkeypatch.setattr(stage, "oof_table", pooled)
+    folder_of = lambda backbone: types.SimpleNamespace(path=lambda name: backbone)  # noqa: E731
+    monkeypatch.setattr(stage, "fresh_infer_artifacts", lambda cfg, backbone, fp, key: {0: folder_of(backbone)})
+    monkeypatch.setattr(stage, "pool_folds", lambda paths: pooled(None, paths[0], None))
+    monkeypatch.setattr(stage, "check_coverage", lambda *a: None)
     cfg = load_config("configs/demo.yaml", [f"output.dir={tmp_path}", "model.backbones=[a,b]",
                                             "ensemble.weights=fit", "ensemble.weight_step=0.1"])
     weights = []
     for seed in (7, 8):
         evals = {b: member(seed + i, 30) for i, b in enumerate("ab")}
-        monkeypatch.setattr(ensemble, "fold_mean_eval", lambda cfg, b, evals=evals: (ids, evals[b]))
-        weights.append(ensemble.run(cfg)["weights"])
+        monkeypatch.setattr(stage, "mean_of_folds", lambda paths, image_ids, b, evals=evals: evals[b])
+        weights.append(stage.run(cfg)["weights"])
     assert weights[0] == weights[1]
     assert weights[0]["a"] > weights[0]["b"]
 
@@ -79,6 +88,30 @@ def test_simplex_grid_covers_weights_that_sum_to_one():
     grid = list(ensemble.simplex_grid(3, 0.5))
     assert len(grid) == 6
     assert all(np.isclose(w.sum(), 1) for w in grid)
+
+
+class Images(torch.utils.data.Dataset):
+    def __init__(self, *images):
+        self.images = images
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        return self.images[i], {}
+
+
+def test_hflip_tta_averages_the_image_and_its_mirror():
+    torch.manual_seed(0)
+    model = MaskNet("resnet10t", "multihead").eval()
+    image = torch.rand(3, 40, 16)
+    mirror = torch.flip(image, dims=[2])
+    device = torch.device("cpu")
+    with_tta = predict(model, Images(image), device, 1, tta=("none", "hflip"))
+    plain = predict(model, Images(image, mirror), device, 2, tta=("none",))
+    for key in with_tta:
+        np.testing.assert_allclose(with_tta[key][0], plain[key].mean(0), rtol=1e-5, atol=1e-6)
+    assert not np.allclose(plain["joint"][0], plain["joint"][1], atol=1e-4)  # the mirror is another view
 
 
 def test_flip_tta_on_a_symmetric_input_changes_nothing():
@@ -102,8 +135,6 @@ def test_flip_tta_on_a_symmetric_input_changes_nothing():
 
 
 def test_scale_tta_views_keep_the_batch():
-    from pipeline.models import tta_views
-
     x = torch.rand(2, 3, 40, 32)
     views = tta_views(x, ["none", "hflip", "scale:1.25"])
     assert [v.shape[0] for v in views] == [2, 2, 2] and views[2].shape[2:] == (50, 40)

@@ -2,8 +2,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline import folds, labels
-from pipeline.data import load_train
+from pipeline import labels
+from pipeline.data.folds import assign_folds, folds_path, load_folds, person_table
+from pipeline.data.layout import load_train
+from pipeline.errors import StaleArtifactError
+from pipeline.stages import folds
 from tests.conftest import REAL_META, make_config
 
 
@@ -16,7 +19,7 @@ def image_table_from_people(people: pd.DataFrame) -> pd.DataFrame:
 
 def real_like_table() -> pd.DataFrame:
     if (REAL_META / "train.csv").exists():
-        from pipeline.data import read_people
+        from pipeline.data.layout import read_people
 
         import tempfile
         from pathlib import Path
@@ -34,7 +37,7 @@ def real_like_table() -> pd.DataFrame:
 
 def test_folds_never_split_a_person():
     table = real_like_table()
-    assignment = folds.assign_folds(table, k=5, seed=42, old_age=60)
+    assignment = assign_folds(table, k=5, seed=42, old_age=60)
     assert assignment["person_id"].is_unique
     assert set(assignment["person_id"]) == set(table["person_id"])
     assert sorted(assignment["fold"].unique()) == [0, 1, 2, 3, 4]
@@ -42,8 +45,8 @@ def test_folds_never_split_a_person():
 
 def test_every_fold_keeps_each_stratum_share_within_two_points():
     table = real_like_table()
-    assignment = folds.assign_folds(table, k=5, seed=42, old_age=60)
-    people = folds.person_table(table, 60).merge(assignment, on="person_id")
+    assignment = assign_folds(table, k=5, seed=42, old_age=60)
+    people = person_table(table, 60).merge(assignment, on="person_id")
     overall = people["stratum"].value_counts(normalize=True)
     for fold, members in people.groupby("fold"):
         share = members["stratum"].value_counts(normalize=True).reindex(overall.index, fill_value=0)
@@ -53,34 +56,34 @@ def test_every_fold_keeps_each_stratum_share_within_two_points():
 
 def test_folds_file_is_reproduced_byte_for_byte(tmp_path, tiny_data):
     cfg = make_config(tmp_path, tiny_data, "folds.k=3")
-    path = folds.folds_path(cfg)
+    path = folds_path(cfg)
     folds.run(cfg)
     first = path.read_bytes()
     folds.run(cfg, force=True)
     assert path.read_bytes() == first
     table, _ = load_train(cfg)
     assert list(pd.read_csv(path, dtype=str).columns) == ["person_id", "fold"]
-    assert (folds.load_folds(cfg, table).groupby(table["person_id"]).nunique() == 1).all()
+    assert (load_folds(cfg, table).groupby(table["person_id"]).nunique() == 1).all()
 
 
 def test_a_folds_file_for_other_data_is_an_error_not_reused(tmp_path, data_copy):
     cfg = make_config(tmp_path, data_copy, "folds.k=3")
     folds.run(cfg)
-    path = folds.folds_path(cfg)
+    path = folds_path(cfg)
     before = path.read_bytes()
     frame = pd.read_csv(data_copy / "train" / "train.csv", dtype=str)
     frame.loc[0, "age"] = "59" if frame.loc[0, "age"] != "59" else "58"
     frame.to_csv(data_copy / "train" / "train.csv", index=False)
-    with pytest.raises(folds.FoldsError, match="different data"):
+    with pytest.raises(StaleArtifactError, match="stale, made from other inputs"):
         folds.run(cfg)
     table, _ = load_train(cfg)
-    with pytest.raises(folds.FoldsError, match="different data"):
-        folds.load_folds(cfg, table)
+    with pytest.raises(StaleArtifactError, match="stale, made from other inputs"):
+        load_folds(cfg, table)
     assert path.read_bytes() == before  # never silently overwritten
 
 
 def test_different_seeds_give_different_folds():
     table = real_like_table()
-    a = folds.assign_folds(table, 5, 1, 60)
-    b = folds.assign_folds(table, 5, 2, 60)
+    a = assign_folds(table, 5, 1, 60)
+    b = assign_folds(table, 5, 2, 60)
     assert (a["fold"] != b["fold"]).any()

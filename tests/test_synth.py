@@ -10,7 +10,9 @@ import cv2
 import numpy as np
 import pytest
 
-from pipeline import synth
+from pipeline.data import synth
+from pipeline.errors import MaskfoldError
+from pipeline.stages import synth as synth_stage
 from pipeline.config import load_config
 from pipeline.labels import IMAGE_STEMS, OFFICIAL_OLD, age_band, class_index
 
@@ -35,7 +37,7 @@ def _tree(folder: Path) -> dict[str, bytes]:
 def demo(tmp_path_factory) -> tuple[Path, dict]:
     out = tmp_path_factory.mktemp("synth") / "demo"
     cfg = _cfg(out, people=40, eval_people=6, label_noise=0.1)
-    return out, synth.run(cfg)
+    return out, synth_stage.run(cfg)
 
 
 def test_synth_writes_the_competition_layout(demo):
@@ -125,14 +127,14 @@ def test_synth_json_records_counts_config_seed_commit_and_hash(demo):
     meta = json.loads((out / "synth.json").read_text())
     assert meta["counts"]["train_people"] == 40 and meta["counts"]["eval_images"] == 42
     assert meta["synth"]["people"] == 40 and meta["seed"] == 0
-    assert meta["config_hash"] == result["config_hash"]
+    assert meta["key"] == result["config_hash"]
     assert meta["git_commit"]
     assert not (out / ".synth_incomplete").exists()
 
 
 def test_synth_is_reproducible_for_the_same_seed(tmp_path):
-    one = synth.run(_cfg(tmp_path / "one", workers=1))
-    two = synth.run(_cfg(tmp_path / "two", workers=2))
+    one = synth_stage.run(_cfg(tmp_path / "one", workers=1))
+    two = synth_stage.run(_cfg(tmp_path / "two", workers=2))
     assert one["config_hash"] == two["config_hash"]
     tree_one, tree_two = _tree(tmp_path / "one"), _tree(tmp_path / "two")
     assert tree_one.keys() == tree_two.keys()
@@ -145,8 +147,8 @@ def test_synth_is_reproducible_for_the_same_seed(tmp_path):
 
 
 def test_another_seed_gives_other_people(tmp_path):
-    synth.run(_cfg(tmp_path / "a", people=6, eval_people=1))
-    synth.run(_cfg(tmp_path / "b", people=6, eval_people=1, seed=1))
+    synth_stage.run(_cfg(tmp_path / "a", people=6, eval_people=1))
+    synth_stage.run(_cfg(tmp_path / "b", people=6, eval_people=1, seed=1))
     assert _tree(tmp_path / "a") != _tree(tmp_path / "b")
 
 
@@ -206,20 +208,20 @@ def test_masks_change_the_lower_face_only():
 
 def test_synth_skips_an_unchanged_config_and_redoes_with_force(tmp_path, capsys):
     cfg = _cfg(tmp_path / "d", people=3, eval_people=1)
-    first = synth.run(cfg)
+    first = synth_stage.run(cfg)
     csv_path = Path(first["train_csv"])
     stamp = csv_path.stat().st_mtime_ns
-    again = synth.run(cfg)
+    again = synth_stage.run(cfg)
     assert again["skipped"] and "skipped" in capsys.readouterr().out
     assert csv_path.stat().st_mtime_ns == stamp
-    assert synth.run(_cfg(tmp_path / "d", people=3, eval_people=1, workers=2))["skipped"]  # workers change nothing
-    forced = synth.run(cfg, force=True)
+    assert synth_stage.run(_cfg(tmp_path / "d", people=3, eval_people=1, workers=2))["skipped"]  # workers change nothing
+    forced = synth_stage.run(cfg, force=True)
     assert not forced["skipped"] and csv_path.stat().st_mtime_ns != stamp
 
 
 def test_a_changed_config_replaces_the_old_dataset(tmp_path):
-    synth.run(_cfg(tmp_path / "d", people=5, eval_people=2))
-    synth.run(_cfg(tmp_path / "d", people=3, eval_people=1))
+    synth_stage.run(_cfg(tmp_path / "d", people=5, eval_people=2))
+    synth_stage.run(_cfg(tmp_path / "d", people=3, eval_people=1))
     assert len(list((tmp_path / "d" / "train" / "images").iterdir())) == 3
     assert len(list((tmp_path / "d" / "eval" / "images").iterdir())) == 7
 
@@ -227,6 +229,6 @@ def test_a_changed_config_replaces_the_old_dataset(tmp_path):
 def test_synth_refuses_to_write_into_a_folder_it_did_not_make(tmp_path):
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep me")
-    with pytest.raises(ValueError, match="refusing"):
-        synth.run(_cfg(tmp_path / "mine"))
+    with pytest.raises(MaskfoldError, match="refusing"):
+        synth_stage.run(_cfg(tmp_path / "mine"))
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"

@@ -6,7 +6,7 @@
     <synth.out>/eval/images/<40 hex>.jpg
     <synth.out>/eval_answers.csv                ImageID,ans,mask,gender,age_band: held out, only the demo summary reads it
     <synth.out>/label_fixes.csv                 the 'known' half of the mislabeled people, as label fixes
-    <synth.out>/synth.json                      counts, config, seed, commit, config hash, the mislabeled people
+    <synth.out>/synth.json                      the stamp (written last): counts, config, seed, commit, key, the mislabeled people
 
 Every person is drawn from their own random stream seeded by (seed, stream, person index), so the
 files are byte-identical across reruns and whatever the number of workers, and the first N people
@@ -23,15 +23,15 @@ What the images carry (drawn with OpenCV polygons, no assets):
 """
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
 import cv2
 import numpy as np
 
-from pipeline.config import stage_main
-from pipeline.io import atomic_write_bytes, atomic_write_json, atomic_write_text, git_commit, stable_hash
+from pipeline.artifacts import Artifact
+from pipeline.errors import MaskfoldError
+from pipeline.io import atomic_write_bytes, atomic_write_text
 from pipeline.labels import GENDER_NAMES, IMAGE_STEMS, OFFICIAL_OLD, age_band, class_index, mask_of
 
 # Bump when the renderer or the sampling changes: it is part of the config hash, so old output is redone.
@@ -534,12 +534,15 @@ def render_person(seed: int, kind: str, index: int, gender: int, age: int, size,
     return records
 
 
-# --------------------------------------------------------------------------- the stage
+# --------------------------------------------------------------------------- the dataset as an artifact
 
-def synth_hash(cfg: dict) -> str:
-    """What the files depend on: the synth section less where they go and how many workers, and the version."""
+def synth_artifact(cfg: dict) -> Artifact:
+    """The files depend on the synth section less where they go and how many workers, and the version."""
+    out = Path(cfg["synth"]["out"])
     section = {k: v for k, v in cfg["synth"].items() if k not in ("out", "workers")}
-    return stable_hash({"synth": section, "version": SYNTH_VERSION})
+    return Artifact(what=f"demo dataset {out}", folder=out, stamp_name="synth.json",
+                    identity={"synth": section, "version": SYNTH_VERSION}, remedy="./run.sh synth -c CONFIG",
+                    outputs=("train/train.csv", "eval/info.csv", "eval_answers.csv", "label_fixes.csv"))
 
 
 def _paths(out: Path) -> dict:
@@ -558,29 +561,22 @@ def _paths(out: Path) -> dict:
 _MARKER = ".synth_incomplete"
 
 
-def _prepare_folder(out: Path) -> None:
-    """Clear a previous synth output (never a folder synth did not make) and mark the run as incomplete."""
-    paths = _paths(out)
+def prepare_folder(artifact: Artifact) -> None:
+    """Clear a previous synth output (never a folder synth did not make) and mark the run as incomplete.
+
+    The stamp goes first and comes back last (after every file), so a killed run is never skipped."""
+    out, paths = artifact.folder, _paths(artifact.folder)
     if out.exists() and any(out.iterdir()):
         if not (paths["synth_json"].exists() or (out / _MARKER).exists()):
-            raise ValueError(f"{out} exists, is not empty and holds no synth.json: refusing to write the demo data there")
+            raise MaskfoldError(f"{out} exists, is not empty and holds no synth.json: "
+                                f"refusing to write the demo data there (choose another synth.out)")
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / _MARKER, "synth is writing this folder; rerun synth if this file stays\n")
-    paths["synth_json"].unlink(missing_ok=True)
+    artifact.invalidate()
     paths["eval_answers"].unlink(missing_ok=True)
     for sub in ("train", "eval"):
         if (out / sub).exists():
             shutil.rmtree(out / sub)
-
-
-def _check_section(section: dict) -> tuple[int, int, tuple[int, int]]:
-    people, eval_people = int(section["people"]), int(section["eval_people"])
-    if people < 1 or eval_people < 0:
-        raise ValueError(f"synth.people must be >= 1 and synth.eval_people >= 0, got {people}, {eval_people}")
-    size = section["image_size"]
-    if not (isinstance(size, (list, tuple)) and len(size) == 2 and all(int(v) >= 32 for v in size)):
-        raise ValueError(f"synth.image_size must be [w, h] with both >= 32, got {size!r}")
-    return people, eval_people, (int(size[0]), int(size[1]))
 
 
 def write_known_fixes(path: Path, noise: list[dict]) -> None:
@@ -592,32 +588,24 @@ def write_known_fixes(path: Path, noise: list[dict]) -> None:
     atomic_write_text(path, "id,field,value,reason\n" + "".join(rows))
 
 
-def _result(paths: dict, counts: dict, config_hash: str, skipped: bool) -> dict:
-    return {**{k: str(v) for k, v in paths.items()}, **counts, "config_hash": config_hash, "skipped": skipped}
+def result(artifact: Artifact, stamp: dict, skipped: bool) -> dict:
+    """What the synth stage returns: every path, the counts, the dataset key and whether it was skipped."""
+    return {**{k: str(v) for k, v in _paths(artifact.folder).items()}, **stamp.get("counts", {}),
+            "config_hash": artifact.key, "skipped": skipped}
 
 
-def run(cfg: dict, force: bool = False) -> dict:
-    """Generate the demo dataset under cfg['synth']['out']; skip if it is there with the same config."""
+def generate(cfg: dict) -> dict:
+    """Render the demo dataset into synth.out (made ready by prepare_folder); returns what the stamp records.
+
+    Writes every file but the stamp: the caller seals the artifact last."""
     from joblib import Parallel, delayed
     from tqdm import tqdm
 
     section = cfg["synth"]
-    people_n, eval_n, size = _check_section(section)
-    seed, workers = int(section["seed"]), max(1, int(section["workers"]))
+    people_n, eval_n, size = int(section["people"]), int(section["eval_people"]), tuple(section["image_size"])
+    seed, workers = int(section["seed"]), int(section["workers"])
     out = Path(section["out"])
     paths = _paths(out)
-    config_hash = synth_hash(cfg)
-
-    if paths["synth_json"].exists() and not force:
-        try:
-            previous = json.loads(paths["synth_json"].read_text())
-        except (OSError, json.JSONDecodeError):
-            previous = {}
-        if previous.get("config_hash") == config_hash and paths["train_csv"].exists() and paths["eval_info"].exists():
-            print(f"[synth] {out} already holds this dataset (config hash {config_hash}); skipped (use --force to redo)")
-            return _result(paths, previous.get("counts", {}), config_hash, skipped=True)
-
-    _prepare_folder(out)
     train = sample_people(seed, people_n, "train")
     evals = sample_people(seed, eval_n, "eval")
     noise = choose_label_noise(train, float(section["label_noise"]), seed)
@@ -677,22 +665,15 @@ def run(cfg: dict, force: bool = False) -> dict:
         "train_ids_with_suffix": sum(r[0].endswith("-1") for r in rows),
         "train_extensions": dict(sorted(extensions.items())),
     }
-    atomic_write_json(paths["synth_json"], {
-        "version": SYNTH_VERSION,
-        "config_hash": config_hash,
-        "synth": section,
-        "seed": seed,
-        "git_commit": git_commit(),
-        "counts": counts,
-        "official_old_age": OFFICIAL_OLD,
-        "label_noise": [noise[i] for i in sorted(noise)],
-    })
     write_known_fixes(paths["label_fixes"], [noise[i] for i in sorted(noise)])
-    (out / _MARKER).unlink(missing_ok=True)
     print(f"[synth] wrote {counts['train_images']} train images, {counts['eval_images']} eval images, "
           f"{len(noise)} mislabeled people -> {out}")
-    return _result(paths, counts, config_hash, skipped=False)
+    return {"version": SYNTH_VERSION, "synth": section, "seed": seed, "counts": counts,
+            "official_old_age": OFFICIAL_OLD, "label_noise": [noise[i] for i in sorted(noise)]}
 
 
-if __name__ == "__main__":
-    stage_main(run, "Generate the demo dataset in the competition layout")
+def finish(artifact: Artifact, summary: dict) -> dict:
+    """Seal the dataset (stamp last), then drop the in-progress marker."""
+    stamp = artifact.seal(**summary)
+    (artifact.folder / _MARKER).unlink(missing_ok=True)
+    return stamp

@@ -6,9 +6,11 @@ from pathlib import Path
 
 import pandas as pd
 
-from pipeline.config import output_dir, stage_main
+from pipeline.artifacts import output_dir
+from pipeline.errors import MaskfoldError, MissingArtifactError
+from pipeline.evaluate.metrics import macro_f1
 from pipeline.io import atomic_write_text
-from pipeline.metrics import macro_f1
+from pipeline.stages import stage_main
 
 HELDOUT_NAME = "eval_answers.csv"  # written by synth beside eval/, never inside it
 
@@ -21,12 +23,15 @@ def heldout_f1(cfg: dict, submission: Path) -> float | None:
     predicted = pd.read_csv(submission, dtype={"ImageID": str})
     merged = predicted.merge(truth[["ImageID", "ans"]], on="ImageID", suffixes=("_pred", "_true"), validate="1:1")
     if len(merged) != len(truth):
-        raise RuntimeError(f"{submission} covers {len(merged)} of {len(truth)} held-out images")
+        raise MaskfoldError(f"{submission} covers {len(merged)} of {len(truth)} held-out images")
     return macro_f1(merged["ans_true"], merged["ans_pred"])
 
 
 def run(cfg: dict, force: bool = False, timings: str | None = None, score_heldout: bool = False) -> str:
-    ensemble = json.loads(output_dir(cfg, "ensemble.json").read_text())
+    path = output_dir(cfg, "ensemble.json")
+    if not path.exists():
+        raise MissingArtifactError(f"{path} not found; run: ./run.sh ensemble -c CONFIG")
+    ensemble = json.loads(path.read_text())
     rows = [("backbone", "weight", "OOF F1", "OOF F1 +TTA", "mask", "gender", "age")]
     for backbone, member in ensemble["members"].items():
         o, t = member["oof"], member["oof_tta"]
@@ -64,4 +69,4 @@ def _args(parser) -> None:
 
 
 if __name__ == "__main__":
-    stage_main(run, "Print the pipeline summary table", extra_args=_args)
+    stage_main(run, "summary", extra_args=_args)

@@ -7,9 +7,12 @@ import numpy as np
 import pandas as pd
 
 from pipeline import labels
-from pipeline.config import output_dir, stage_main
-from pipeline.data import DataError, load_eval, load_train, verify_images
+from pipeline.artifacts import output_dir
+from pipeline.data.images import verify_images
+from pipeline.data.layout import load_eval, load_train
+from pipeline.errors import DataError
 from pipeline.io import atomic_write_json, git_commit
+from pipeline.stages import stage_main
 
 
 def summarize(table: pd.DataFrame, people: pd.DataFrame, cfg: dict) -> dict:
@@ -73,4 +76,4 @@ def _print_report(report: dict, cfg: dict) -> None:
 
 
 if __name__ == "__main__":
-    stage_main(run, "Validate the competition data and print a report")
+    stage_main(run, "check")

@@ -1,4 +1,6 @@
-"""tune stage: an Optuna study over config values; each trial trains `tune.folds` for `tune.epochs`.
+"""The Optuna study over config values: storage, sampler and pruner, the objective, the best config.
+
+Each trial trains `tune.folds` for `tune.epochs`.
 
 Storage from `tune.storage`: `sqlite:///FILE` (default), `journal:FILE`, or `postgresql://...` for
 many workers on many machines (start the same command on each). RDB storages keep a heartbeat: a
@@ -16,7 +18,9 @@ import optuna
 import yaml
 from sqlalchemy.exc import SQLAlchemyError
 
-from pipeline.config import output_dir, stage_main, with_values
+from pipeline.artifacts import output_dir
+from pipeline.config import with_values
+from pipeline.errors import ConfigError
 from pipeline.io import atomic_write_json, atomic_write_text, git_commit
 
 PARAM_TYPES = ("float", "int", "categorical")
@@ -35,7 +39,7 @@ def make_storage(cfg: dict):
     if url.startswith("sqlite:///"):
         Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     elif not url.startswith(("postgresql", "mysql")):
-        raise ValueError(f"tune.storage {url!r}: use sqlite:///FILE, journal:FILE or postgresql://...")
+        raise ConfigError(f"tune.storage {url!r}: use sqlite:///FILE, journal:FILE or postgresql://...")
     return optuna.storages.RDBStorage(
         url, heartbeat_interval=t["heartbeat_s"], grace_period=t["grace_s"],
         heartbeat_stale_trial_callback=optuna.storages.RetryFailedTrialCallback(max_retry=t["max_retry"]),
@@ -46,8 +50,6 @@ def load_study(cfg: dict) -> optuna.Study:
     t = cfg["tune"]
     pruner = optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=1) if t["pruner"] == "median" \
         else optuna.pruners.NopPruner()
-    if t["pruner"] not in ("median", "none"):
-        raise ValueError(f"tune.pruner {t['pruner']!r} is not median or none")
     for attempt in range(3):
         try:
             return optuna.create_study(study_name=t["study"], storage=make_storage(cfg), direction="maximize",
@@ -65,7 +67,7 @@ def suggest(trial: optuna.Trial, space: list[dict]) -> dict:
     for number, spec in enumerate(space):
         kind, name = spec.get("type"), spec.get("param")
         if not name or kind not in PARAM_TYPES:
-            raise ValueError(f"tune.space[{number}]: needs 'param' and 'type' ({', '.join(PARAM_TYPES)}), got {spec}")
+            raise ConfigError(f"tune.space[{number}]: needs 'param' and 'type' ({', '.join(PARAM_TYPES)}), got {spec}")
         if kind == "float":
             values[name] = trial.suggest_float(name, spec["low"], spec["high"], log=spec.get("log", False))
         elif kind == "int":
@@ -83,7 +85,7 @@ def trial_config(cfg: dict, values: dict, trial_number: int) -> dict:
 
 
 def objective_for(cfg: dict, data):
-    from pipeline.train import train_job  # torch loads only where trials run, not for the dashboard
+    from pipeline.train.loop import train_job  # torch loads only where trials run, not for the dashboard
 
     t = cfg["tune"]
     backbone = t["backbone"] or cfg["model"]["backbones"][0]
@@ -127,30 +129,3 @@ def write_best(cfg: dict, study: optuna.Study) -> Path | None:
                                              "value": best.value, "params": best.params,
                                              "seed": cfg["tune"]["seed"], "git_commit": git_commit()})
     return path
-
-
-def run(cfg: dict, force: bool = False) -> dict:
-    from pipeline.train import load_train_data
-
-    t = cfg["tune"]
-    study = load_study(cfg)
-    data = load_train_data(cfg)
-    states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
-    done = sum(trial.state in states for trial in study.trials)
-    print(f"[tune] study '{t['study']}' in {t['storage']}: {done} of {t['trials']} trials finished")
-    if done < t["trials"]:
-        # MaxTrialsCallback counts every worker's trials, so N workers together stop at tune.trials
-        study.optimize(objective_for(cfg, data), n_trials=t["trials"] - done,
-                       callbacks=[optuna.study.MaxTrialsCallback(t["trials"], states=states)],
-                       catch=(RuntimeError,))
-    path = write_best(cfg, study)
-    finished = [trial for trial in study.trials if trial.state == optuna.trial.TrialState.COMPLETE]
-    pruned = sum(trial.state == optuna.trial.TrialState.PRUNED for trial in study.trials)
-    if path:
-        print(f"[tune] {len(finished)} complete, {pruned} pruned; best trial {study.best_trial.number}: "
-              f"val macro F1 {study.best_value:.4f} with {study.best_params}; config: {path}")
-    return {"best_config": str(path) if path else None, "complete": len(finished), "pruned": pruned}
-
-
-if __name__ == "__main__":
-    stage_main(run, "Tune config values with an Optuna study (pruning, shared storage, retries)")

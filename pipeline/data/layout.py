@@ -1,4 +1,4 @@
-"""The competition layout -> one table of image rows; validation; the decoded-image cache; Dataset.
+"""The competition layout -> one table of image rows (labels fixed, every problem named).
 
     <root>/train/train.csv            id,gender,race,age,path
     <root>/train/images/<path>/       mask1..mask5, incorrect_mask, normal (.jpg/.jpeg/.png)
@@ -7,36 +7,19 @@
 """
 from __future__ import annotations
 
-import io
-import os
 from pathlib import Path
 
-import cv2
-import numpy as np
 import pandas as pd
-from joblib import Parallel, delayed
-from tqdm import tqdm
 
 from pipeline import labels
-from pipeline.io import atomic_write_bytes, stable_hash
+from pipeline.errors import DataError
+from pipeline.io import stable_hash
 
 TRAIN_COLUMNS = ("id", "gender", "race", "age", "path")
 EVAL_COLUMNS = ("ImageID", "ans")
 FIX_COLUMNS = ("id", "field", "value")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 MIN_AGE, MAX_AGE = 1, 120
-
-cv2.setNumThreads(1)  # parallelism comes from joblib; nested threads only thrash 2 cores
-
-
-class DataError(ValueError):
-    """Bad input data. Holds every problem found, each naming its file or row."""
-
-    def __init__(self, problems: list[str]):
-        self.problems = list(problems)
-        shown = "\n  - ".join(self.problems[:50])
-        more = f"\n  ... and {len(self.problems) - 50} more" if len(self.problems) > 50 else ""
-        super().__init__(f"{len(self.problems)} data problem(s):\n  - {shown}{more}")
 
 
 def train_csv(root) -> Path:
@@ -275,101 +258,3 @@ def load_eval(cfg: dict, strict: bool = True) -> tuple[pd.DataFrame, list[str]]:
 def data_fingerprint(table: pd.DataFrame) -> str:
     """Identity of the labelled data: which images, of whom, with which labels."""
     return stable_hash(table[["image_id", "person_id", "label", "age"]].to_numpy().tolist(), length=16)
-
-
-# ---------------------------------------------------------------- images and the decoded cache
-
-def read_image(file) -> np.ndarray:
-    """RGB uint8; a missing, empty or undecodable file raises naming it."""
-    file = str(file)
-    try:
-        raw = np.fromfile(file, dtype=np.uint8)
-    except OSError as error:
-        raise DataError([f"{file}: cannot read ({error.strerror or error})"]) from error
-    if raw.size == 0:
-        raise DataError([f"{file}: empty file"])
-    image = cv2.imdecode(raw, cv2.IMREAD_COLOR)
-    if image is None:
-        raise DataError([f"{file}: corrupt or not a decodable image"])
-    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
-
-
-def crop_and_resize(image: np.ndarray, crop, size) -> np.ndarray:
-    """Face crop by a fractional box (x0, y0, x1, y1), then resize to (w, h)."""
-    height, width = image.shape[:2]
-    x0, y0, x1, y1 = crop
-    box = image[int(round(y0 * height)):int(round(y1 * height)), int(round(x0 * width)):int(round(x1 * width))]
-    return cv2.resize(box, tuple(size), interpolation=cv2.INTER_AREA)
-
-
-def _decode_chunk(files, crop, size):
-    """Decode, crop and resize; with size None only decode, to find the files that fail."""
-    out, problems = [], []
-    for file in files:
-        try:
-            image = read_image(file)
-        except DataError as error:
-            problems.extend(error.problems)
-            image = None
-        if size is not None:
-            out.append(np.zeros((size[1], size[0], 3), np.uint8) if image is None
-                       else crop_and_resize(image, crop, size))
-    return out, problems
-
-
-def decode_images(files, crop, size, workers: int = 2, desc: str = "decode") -> tuple[np.ndarray, list[str]]:
-    """(N, H, W, 3) uint8 images and every problem found, decoded in parallel chunks."""
-    files = list(files)
-    chunks = [files[i:i + 64] for i in range(0, len(files), 64)]
-    results = Parallel(n_jobs=max(1, workers), backend="loky" if workers > 1 else "sequential")(
-        delayed(_decode_chunk)(chunk, crop, size) for chunk in tqdm(chunks, desc=desc, unit="x64img", leave=False))
-    problems = [p for _, chunk_problems in results for p in chunk_problems]
-    if size is None:
-        return np.zeros((0, 0, 0, 3), np.uint8), problems
-    images = [image for chunk_images, _ in results for image in chunk_images]
-    return (np.stack(images) if images else np.zeros((0, size[1], size[0], 3), np.uint8)), problems
-
-
-def verify_images(files, workers: int = 2) -> list[str]:
-    """Decode every file only to name the missing, empty or corrupt ones (the check stage)."""
-    return decode_images(files, None, None, workers, desc="decode check")[1]
-
-
-def cached_images(cfg: dict, files, desc: str = "decode") -> np.ndarray:
-    """Decoded, face-cropped, resized images (N, H, W, 3) uint8, cached on disk by content identity.
-
-    The key covers each file's path, size and mtime plus crop and size, so regenerated data or a
-    new crop never reuses a stale cache. Every later input path (albumentations on CPU, a GPU
-    augmenter) starts from this array.
-    """
-    files = [str(f) for f in files]
-    crop, size = cfg["data"]["crop"], cfg["data"]["image_size"]
-    stats = [(f, os.stat(f).st_size, os.stat(f).st_mtime_ns) if os.path.exists(f) else (f, -1, -1) for f in files]
-    key = stable_hash({"files": stats, "crop": crop, "size": size}, length=20)
-    path = Path(cfg["data"]["cache_dir"]) / f"{key}.npy"
-    if path.exists():
-        return np.load(path, mmap_mode="r")
-    images, problems = decode_images(files, crop, size, workers=cfg["data"]["num_workers"], desc=desc)
-    if problems:
-        raise DataError(problems)
-    buffer = io.BytesIO()
-    np.save(buffer, images)
-    atomic_write_bytes(path, buffer.getvalue())
-    return images
-
-
-class ImageDataset:
-    """Cached images (selected rows) + integer targets per row -> (CHW float tensor, targets) via albumentations."""
-
-    def __init__(self, images: np.ndarray, targets: dict[str, np.ndarray] | None, transform, rows=None):
-        self.images = images  # may be a memory map: rows are read lazily, never copied whole
-        self.rows = np.arange(len(images)) if rows is None else np.asarray(rows)
-        self.targets = targets or {}
-        self.transform = transform
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __getitem__(self, index: int):
-        image = self.transform(image=np.asarray(self.images[self.rows[index]]))["image"]
-        return image, {name: int(values[index]) for name, values in self.targets.items()}

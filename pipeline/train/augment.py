@@ -6,6 +6,8 @@ import difflib
 import albumentations as A
 from albumentations.pytorch import ToTensorV2
 
+from pipeline.errors import ConfigError
+
 
 def _transform(spec: dict):
     spec = dict(spec)
@@ -14,12 +16,12 @@ def _transform(spec: dict):
         valid = [n for n in dir(A) if isinstance(getattr(A, n), type) and issubclass(getattr(A, n), A.BasicTransform)]
         close = difflib.get_close_matches(str(name), valid, n=1)
         hint = f"; did you mean '{close[0]}'?" if close else ""
-        raise ValueError(f"augment: unknown albumentations transform {name!r}{hint}")
+        raise ConfigError(f"augment.train: unknown albumentations transform {name!r}{hint}")
     try:
         # strict: a misspelt or renamed (albumentations 1.x) argument is an error, not a silent default
         return getattr(A, name)(**spec, strict=True)
     except (ValueError, TypeError) as error:
-        raise ValueError(f"augment: {name}({spec}): {error}") from error
+        raise ConfigError(f"augment.train: {name}({spec}): {error}") from error
 
 
 def _finish(cfg: dict) -> list:

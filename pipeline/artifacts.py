@@ -1,0 +1,210 @@
+"""Where every artifact lives, and the one rule for "skip if done, refuse if stale".
+
+An artifact is a folder (or file) a stage makes from known inputs. Its stamp, written last, holds
+the identity it was made from (config sections, data fingerprint, the tokens of its inputs) and a
+token of its own (identity plus the digests of its output files). A stage asks `state()`:
+
+    missing  no stamp: never made, or a run was killed before it finished
+    stale    a stamp made from other inputs (the message lists what changed)
+    fresh    up to date: skip it
+
+Before a stage rewrites any file of an artifact it calls `invalidate()`, so a run killed halfway
+never leaves an old stamp vouching for new files. Downstream identities hold upstream tokens: a
+retrained checkpoint makes every inference table made from the old one stale.
+
+No torch here: oof and ensemble read only probability tables and start in a second.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pipeline.errors import ArtifactError, MissingArtifactError, StaleArtifactError
+from pipeline.io import atomic_write_json, git_commit, stable_hash
+
+STAMP = "done.json"
+
+# file names inside a (backbone, fold) job's folders
+BEST, LAST, VAL_PROBS, METRICS = "best.pt", "last.pt", "val_probs.npz", "metrics.jsonl"
+EVAL_PROBS, VAL_PROBS_TTA = "eval_probs.npz", "val_probs_tta.npz"
+# sections of the config a training job depends on; locations and worker counts are not among them
+JOB_SECTIONS = ("data", "folds", "model", "train", "augment")
+JOB_IGNORED = {"data": ("root", "cache_dir", "label_fixes", "num_workers"), "train": ("folds", "threads")}
+
+
+def output_dir(cfg: dict, *parts: str) -> Path:
+    return Path(cfg["output"]["dir"]).joinpath(*parts)
+
+
+def _flatten(tree, prefix: str = "") -> dict:
+    if not isinstance(tree, dict):
+        return {prefix: tree}
+    flat = {}
+    for key, value in tree.items():
+        flat.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+    return flat
+
+
+def identity_changes(before: dict, now: dict, most: int = 4) -> str:
+    """'train.lr 0.1 -> 0.02; ...' for the keys whose values differ."""
+    old, new = _flatten(before), _flatten(now)
+    changed = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+    text = "; ".join(f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in changed[:most])
+    return text + (f"; and {len(changed) - most} more" if len(changed) > most else "")
+
+
+def file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+@dataclass
+class Artifact:
+    """One stage output with its stamp. `what` names it in messages; `remedy` is the command that remakes it."""
+    what: str
+    folder: Path
+    identity: dict
+    remedy: str
+    stamp_name: str = STAMP
+    outputs: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def key(self) -> str:
+        return stable_hash(self.identity)
+
+    @property
+    def stamp_path(self) -> Path:
+        return self.folder / self.stamp_name
+
+    def path(self, name: str) -> Path:
+        return self.folder / name
+
+    def read_stamp(self) -> dict | None:
+        try:
+            return json.loads(self.stamp_path.read_text())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as error:
+            raise ArtifactError(f"{self.what}: stamp {self.stamp_path} is unreadable ({error}); "
+                                f"delete it and run: {self.remedy}") from error
+
+    def state(self) -> tuple[str, str]:
+        """('fresh' | 'stale' | 'missing', a one-line message in the one format every stage prints)."""
+        stamp = self.read_stamp()
+        if stamp is None:
+            return "missing", f"{self.what}: missing ({self.stamp_path} not found); run: {self.remedy}"
+        if stamp.get("key") != self.key:
+            changes = identity_changes(stamp.get("identity", {}), self.identity) or "unknown inputs"
+            return "stale", (f"{self.what}: stale, made from other inputs ({changes}); "
+                             f"re-run: {self.remedy} (or --force)")
+        gone = [name for name in self.outputs if not self.path(name).exists()]
+        if gone:
+            return "missing", f"{self.what}: incomplete ({', '.join(str(self.path(n)) for n in gone)} missing); " \
+                              f"run: {self.remedy} --force"
+        return "fresh", f"{self.what}: up to date ({self.folder})"
+
+    def is_fresh(self) -> bool:
+        return self.state()[0] == "fresh"
+
+    def require(self) -> dict:
+        """The stamp of a fresh artifact; a missing or stale one is an error naming the stage to re-run."""
+        status, message = self.state()
+        if status == "missing":
+            raise MissingArtifactError(message)
+        if status == "stale":
+            raise StaleArtifactError(message)
+        return self.read_stamp()
+
+    def refuse_other_inputs(self, recorded_key: str | None, source: Path) -> None:
+        """A half-made artifact (e.g. last.pt) must have been started from these same inputs."""
+        if recorded_key != self.key:
+            raise StaleArtifactError(f"{self.what}: {source} was made from other inputs (key {recorded_key}, "
+                                     f"now {self.key}); refusing to resume it. Use another output.dir, "
+                                     f"or --force to discard it")
+
+    def invalidate(self) -> None:
+        """Call before rewriting any output: no stamp may vouch for files that are being replaced."""
+        self.stamp_path.unlink(missing_ok=True)
+
+    def seal(self, **summary) -> dict:
+        """Write the stamp, last: identity, key, and a token that changes whenever an output file does."""
+        digests = {name: file_digest(self.path(name)) for name in self.outputs}
+        stamp = {**summary, "key": self.key, "token": stable_hash({"key": self.key, "outputs": digests}),
+                 "outputs": digests, "identity": self.identity, "git_commit": git_commit()}
+        atomic_write_json(self.stamp_path, stamp)
+        return stamp
+
+
+# ---------------------------------------------------------------- (backbone, fold) jobs
+
+def job_list(cfg: dict) -> list[tuple[str, int]]:
+    folds = cfg["train"]["folds"]
+    folds = range(cfg["folds"]["k"]) if folds is None else folds
+    return [(backbone, int(fold)) for backbone in cfg["model"]["backbones"] for fold in folds]
+
+
+def safe_name(backbone: str) -> str:
+    return backbone.replace("/", "_")
+
+
+def job_config(cfg: dict, backbone: str) -> dict:
+    """The config sections one training job depends on, as that job sees them (one backbone).
+
+    Where files live and how many processes run do not change results: augmentation is seeded per
+    sample, not per worker, and the data fingerprint stands for the data itself.
+    """
+    job = {section: copy.deepcopy(cfg[section]) for section in JOB_SECTIONS}
+    job["model"]["backbones"] = [backbone]
+    job["model"]["pretrained_files"] = {k: v for k, v in cfg["model"]["pretrained_files"].items() if k == backbone}
+    for section, keys in JOB_IGNORED.items():
+        for key in keys:
+            job[section].pop(key, None)
+    return job
+
+
+def train_artifact(cfg: dict, backbone: str, fold: int, fingerprint: str) -> Artifact:
+    return Artifact(
+        what=f"train job {backbone} fold {fold}",
+        folder=output_dir(cfg, "train", safe_name(backbone), f"fold{fold}"),
+        identity={"config": job_config(cfg, backbone), "data_fingerprint": fingerprint, "fold": fold},
+        remedy=f"./run.sh train -c CONFIG model.backbones=[{backbone}] train.folds=[{fold}]",
+        outputs=(BEST, VAL_PROBS))
+
+
+def infer_artifact(cfg: dict, backbone: str, fold: int, train_token: str, eval_key: str) -> Artifact:
+    """Eval and TTA'd validation tables of one fold model: made from that checkpoint (its token)."""
+    return Artifact(
+        what=f"infer tables {backbone} fold {fold}",
+        folder=output_dir(cfg, "infer", safe_name(backbone), f"fold{fold}"),
+        identity={"train_token": train_token, "tta": list(cfg["infer"]["tta"]), "eval_images": eval_key},
+        remedy=f"./run.sh infer -c CONFIG model.backbones=[{backbone}] train.folds=[{fold}]",
+        outputs=(EVAL_PROBS, VAL_PROBS_TTA))
+
+
+def require_all(artifacts: list[Artifact], heading: str) -> list[dict]:
+    """The stamps of artifacts that must all be fresh; every one that is not is named in one error."""
+    stamps, problems, all_missing = [], [], True
+    for artifact in artifacts:
+        try:
+            stamps.append(artifact.require())
+        except ArtifactError as error:
+            problems.append(str(error))
+            all_missing &= isinstance(error, MissingArtifactError)
+    if problems:
+        kind = MissingArtifactError if all_missing else StaleArtifactError
+        raise kind(f"{heading} ({len(problems)} of {len(stamps) + len(problems)}):\n  - " + "\n  - ".join(problems))
+    return stamps
+
+
+def fresh_train_stamps(cfg: dict, backbone: str, fingerprint: str) -> dict[int, dict]:
+    """The stamps of all K folds of one backbone; every missing or stale fold is named at once."""
+    folds = range(cfg["folds"]["k"])
+    stamps = require_all([train_artifact(cfg, backbone, f, fingerprint) for f in folds],
+                         f"backbone {backbone}: folds not usable")
+    return dict(zip(folds, stamps))

@@ -1,0 +1,87 @@
+"""Person-grouped, stratified K folds, shared by every backbone and every later run.
+
+StratifiedGroupKFold over image rows, grouped by person, stratified on the person's
+gender x age band; written to folds/<dataset>-k<K>-seed<S>.csv (person_id, fold) with a stamp
+beside it (<same name>.json) holding the people fingerprint. Same inputs -> the same file, byte
+for byte. A file made for other data is refused, never reused or overwritten.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from sklearn.model_selection import StratifiedGroupKFold
+
+from pipeline import labels
+from pipeline.artifacts import Artifact
+from pipeline.errors import DataError, MaskfoldError
+from pipeline.io import atomic_write_text, stable_hash
+
+
+def person_table(table: pd.DataFrame, old_age: int) -> pd.DataFrame:
+    people = table.groupby("person_id", sort=True).agg(
+        gender=("gender", "first"), age=("age", "first")).reset_index()
+    people["stratum"] = people["gender"] * 3 + labels.age_band(people["age"].to_numpy(), old_age)
+    return people
+
+
+def people_fingerprint(people: pd.DataFrame) -> str:
+    return stable_hash(people[["person_id", "gender", "age"]].to_numpy().tolist(), length=16)
+
+
+def folds_path(cfg: dict) -> Path:
+    dataset = Path(cfg["data"]["root"]).resolve().name
+    return Path(cfg["folds"]["dir"]) / f"{dataset}-k{cfg['folds']['k']}-seed{cfg['folds']['seed']}.csv"
+
+
+def folds_artifact(cfg: dict, table: pd.DataFrame) -> Artifact:
+    path = folds_path(cfg)
+    people = person_table(table, cfg["data"]["old_age"])
+    return Artifact(what=f"folds file {path}", folder=path.parent, stamp_name=path.with_suffix(".json").name,
+                    identity={"people": people_fingerprint(people), "k": cfg["folds"]["k"],
+                              "seed": cfg["folds"]["seed"], "old_age": cfg["data"]["old_age"]},
+                    remedy="./run.sh folds -c CONFIG", outputs=(path.name,))
+
+
+def assign_folds(table: pd.DataFrame, k: int, seed: int, old_age: int) -> pd.DataFrame:
+    """(person_id, fold) for every person, sorted by person_id (the image folder name, which starts with the id)."""
+    people = person_table(table, old_age)
+    if len(people) < k:
+        raise DataError([f"{len(people)} people cannot fill {k} folds (folds.k)"])
+    stratum_of = dict(zip(people["person_id"], people["stratum"]))
+    strata = table["person_id"].map(stratum_of).to_numpy()
+    splitter = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
+    fold_of: dict[str, int] = {}
+    for fold, (_, val_index) in enumerate(splitter.split(np.zeros(len(table)), strata, groups=table["person_id"])):
+        for pid in table["person_id"].iloc[val_index].unique():
+            fold_of[pid] = fold
+    return pd.DataFrame({"person_id": people["person_id"], "fold": people["person_id"].map(fold_of).astype(int)})
+
+
+def write_folds(cfg: dict, table: pd.DataFrame) -> dict:
+    """Assign and write the folds file and its stamp; returns per-fold counts."""
+    artifact = folds_artifact(cfg, table)
+    k, seed, old = cfg["folds"]["k"], cfg["folds"]["seed"], cfg["data"]["old_age"]
+    folds = assign_folds(table, k, seed, old)
+    artifact.invalidate()
+    atomic_write_text(folds_path(cfg), folds.to_csv(index=False, lineterminator="\n"))
+    people = person_table(table, old).merge(folds, on="person_id")
+    per_fold = {int(f): {"people": int((people["fold"] == f).sum()),
+                         "strata": people.loc[people["fold"] == f, "stratum"].value_counts().sort_index().to_dict()}
+                for f in range(k)}
+    artifact.seal(per_fold=per_fold, data_root=cfg["data"]["root"])
+    return per_fold
+
+
+def load_folds(cfg: dict, table: pd.DataFrame) -> pd.Series:
+    """Fold of every image row; the folds file must exist and have been made for this data."""
+    folds_artifact(cfg, table).require()
+    path = folds_path(cfg)
+    folds = pd.read_csv(path, dtype={"person_id": str, "fold": int})
+    fold_of = dict(zip(folds["person_id"], folds["fold"]))
+    missing = sorted(set(table["person_id"]) - set(fold_of))
+    if missing:
+        raise MaskfoldError(f"{path}: no fold for {len(missing)} people, e.g. {missing[:3]}; "
+                            f"re-run: ./run.sh folds -c CONFIG --force")
+    return table["person_id"].map(fold_of).astype(int)

@@ -1,0 +1,112 @@
+"""Pixels: decode, face-crop and resize once, in parallel; cache the uint8 result on disk.
+
+The cache is the one source of pixels for training, validation and inference, keyed by each
+file's path, size and mtime plus the crop and the size, so new data or a new crop never reuses it.
+"""
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+
+import cv2
+import numpy as np
+from joblib import Parallel, delayed
+from tqdm import tqdm
+
+from pipeline.errors import DataError
+from pipeline.io import atomic_write_bytes, stable_hash
+
+cv2.setNumThreads(1)  # parallelism comes from joblib; nested threads only thrash 2 cores
+
+
+
+def read_image(file) -> np.ndarray:
+    """RGB uint8; a missing, empty or undecodable file raises naming it."""
+    file = str(file)
+    try:
+        raw = np.fromfile(file, dtype=np.uint8)
+    except OSError as error:
+        raise DataError([f"{file}: cannot read ({error.strerror or error})"]) from error
+    if raw.size == 0:
+        raise DataError([f"{file}: empty file"])
+    image = cv2.imdecode(raw, cv2.IMREAD_COLOR)
+    if image is None:
+        raise DataError([f"{file}: corrupt or not a decodable image"])
+    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+
+def crop_and_resize(image: np.ndarray, crop, size) -> np.ndarray:
+    """Face crop by a fractional box (x0, y0, x1, y1), then resize to (w, h)."""
+    height, width = image.shape[:2]
+    x0, y0, x1, y1 = crop
+    box = image[int(round(y0 * height)):int(round(y1 * height)), int(round(x0 * width)):int(round(x1 * width))]
+    return cv2.resize(box, tuple(size), interpolation=cv2.INTER_AREA)
+
+
+def _decode_chunk(files, crop, size):
+    """Decode, crop and resize; with size None only decode, to find the files that fail."""
+    out, problems = [], []
+    for file in files:
+        try:
+            image = read_image(file)
+        except DataError as error:
+            problems.extend(error.problems)
+            image = None
+        if size is not None:
+            out.append(np.zeros((size[1], size[0], 3), np.uint8) if image is None
+                       else crop_and_resize(image, crop, size))
+    return out, problems
+
+
+def decode_images(files, crop, size, workers: int = 2, desc: str = "decode") -> tuple[np.ndarray, list[str]]:
+    """(N, H, W, 3) uint8 images and every problem found, decoded in parallel chunks."""
+    files = list(files)
+    chunks = [files[i:i + 64] for i in range(0, len(files), 64)]
+    results = Parallel(n_jobs=max(1, workers), backend="loky" if workers > 1 else "sequential")(
+        delayed(_decode_chunk)(chunk, crop, size) for chunk in tqdm(chunks, desc=desc, unit="x64img", leave=False))
+    problems = [p for _, chunk_problems in results for p in chunk_problems]
+    if size is None:
+        return np.zeros((0, 0, 0, 3), np.uint8), problems
+    images = [image for chunk_images, _ in results for image in chunk_images]
+    return (np.stack(images) if images else np.zeros((0, size[1], size[0], 3), np.uint8)), problems
+
+
+def verify_images(files, workers: int = 2) -> list[str]:
+    """Decode every file only to name the missing, empty or corrupt ones (the check stage)."""
+    return decode_images(files, None, None, workers, desc="decode check")[1]
+
+
+def files_key(files) -> str:
+    """Identity of a list of image files as they are on disk: path, size and mtime of each."""
+    stats = []
+    for file in map(str, files):
+        try:
+            info = os.stat(file)
+            stats.append((file, info.st_size, info.st_mtime_ns))
+        except OSError:
+            stats.append((file, -1, -1))
+    return stable_hash(stats, length=20)
+
+
+def cache_path(cfg: dict, files) -> Path:
+    """Where the decoded images of `files` at the config's crop and size are cached."""
+    crop, size = cfg["data"]["crop"], cfg["data"]["image_size"]
+    key = stable_hash({"files": files_key(files), "crop": crop, "size": size}, length=20)
+    return Path(cfg["data"]["cache_dir"]) / f"{key}.npy"
+
+
+def cached_images(cfg: dict, files, desc: str = "decode") -> np.ndarray:
+    """Decoded, face-cropped, resized images (N, H, W, 3) uint8, decoded once and then read from disk."""
+    files = [str(f) for f in files]
+    path = cache_path(cfg, files)
+    if path.exists():
+        return np.load(path, mmap_mode="r")
+    crop, size = cfg["data"]["crop"], cfg["data"]["image_size"]
+    images, problems = decode_images(files, crop, size, workers=cfg["data"]["num_workers"], desc=desc)
+    if problems:
+        raise DataError(problems)
+    buffer = io.BytesIO()
+    np.save(buffer, images)
+    atomic_write_bytes(path, buffer.getvalue())
+    return images

@@ -1,0 +1,445 @@
+"""What each config value may be: one strict pydantic model per section of configs/base.yaml.
+
+The loader (pipeline/config.py) merges base.yaml, a config file and overrides into a plain dict and
+hands it to `config_problems`, which returns one line per bad key, `<dotted.key> = <value!r>: <what
+is allowed>`, so a run is refused at load instead of failing mid-training. The models only check;
+the config stays the merged dict. Every field carries its "allowed" text as its description: that
+text is what a user reads, whichever constraint failed. Rules spanning keys raise `_refuse(...)`,
+which names the key itself. No torch/timm/albumentations here: stages that only read configs start
+in about a second.
+"""
+from __future__ import annotations
+
+import copy
+import difflib
+import math
+from collections.abc import Collection
+from typing import Annotated, Any, Literal
+
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator,
+                      model_validator)
+from pydantic_core import PydanticCustomError
+
+TTA_VIEWS = "none, hflip or scale:<factor > 0>"
+SPACE_TYPES = ("float", "int", "categorical")
+STORAGE_URL = r"^(sqlite:///.+|journal:.+|(postgresql|mysql)(\+\w+)?://.+)$"
+
+
+# ---- building blocks: a type plus the sentence that says what it allows ----
+
+def _int(ge: int, le: int | None = None):
+    allowed = f"an integer >= {ge}" if le is None else f"an integer in {ge}..{le}"
+    return Annotated[int, Field(ge=ge, le=le, description=allowed)]
+
+
+def _interval(low: float | None, high: float | None, closed_low: bool, closed_high: bool) -> str:
+    if low is None:
+        return "a number"
+    if high is None:
+        return f"a number {'>=' if closed_low else '>'} {low:g}"
+    return f"a number in {'[' if closed_low else '('}{low:g}, {high:g}{']' if closed_high else ')'}"
+
+
+def _float(ge=None, gt=None, le=None, lt=None):
+    low, high = (ge if gt is None else gt), (le if lt is None else lt)
+    allowed = _interval(low, high, gt is None, lt is None)
+    return Annotated[float, Field(ge=ge, gt=gt, le=le, lt=lt, allow_inf_nan=False, description=allowed)]
+
+
+def _one_of(*values: str):
+    return Annotated[Literal[values], Field(description=f"one of {', '.join(values)}")]
+
+
+def _described(kind, allowed: str):
+    return Annotated[kind, Field(description=allowed)]
+
+
+def _refuse(allowed: str, key: str | None = None) -> PydanticCustomError:
+    """An error for a rule pydantic cannot state; `key` names the config key when the rule spans several."""
+    return PydanticCustomError("config_rule", "{allowed}", {"allowed": allowed, **({"key": key} if key else {})})
+
+
+def _distinct(values: list) -> list:
+    if len(set(map(repr, values))) != len(values):
+        raise ValueError("repeated items")
+    return values
+
+
+def _tta_view(view: str) -> str:
+    factor = view.removeprefix("scale:") if view.startswith("scale:") else None
+    if view in ("none", "hflip") or (factor is not None and _positive_number(factor)):
+        return view
+    raise ValueError(f"unknown view {view!r}")
+
+
+def _positive_number(text: str) -> bool:
+    try:
+        return math.isfinite(float(text)) and float(text) > 0
+    except ValueError:
+        return False
+
+
+def _box_not_inverted(box: list[float]) -> list[float]:
+    x0, y0, x1, y1 = box
+    if not (x0 < x1 and y0 < y1):
+        raise ValueError("inverted box")
+    return box
+
+
+def _divides_one(step: float) -> float:
+    # the weight grid has round(1/step) ticks: a step like 0.3 would silently become 1/3
+    if abs(1 / step - round(1 / step)) > 1e-6:
+        raise ValueError("1/step is not whole")
+    return step
+
+
+def _names_a_transform(step: dict) -> dict:
+    if not isinstance(step.get("name"), str) or not step["name"]:
+        raise ValueError("no name")
+    return step
+
+
+Count = _int(ge=1)
+CountOrZero = _int(ge=0)
+Seed = _described(_int(ge=0), "an integer seed >= 0")
+Age = _int(ge=31, le=120)
+Positive = _float(gt=0)
+NonNegative = _float(ge=0)
+Bool = _described(bool, "true or false")
+Text = Annotated[str, Field(min_length=1)]
+PathText = _described(Text, "a non-empty path (may use {config} and {data.root})")
+Folds = Annotated[list[CountOrZero], Field(min_length=1), AfterValidator(_distinct)]
+FOLDS_ALLOWED = "a non-empty list of distinct fold numbers in 0..folds.k-1"
+
+
+def _size(minimum: int):
+    return Annotated[list[_int(ge=minimum)], Field(
+        min_length=2, max_length=2, description=f"2 integers [w, h], each >= {minimum}")]
+
+
+def _three(item, allowed: str):
+    return Annotated[list[item], Field(min_length=3, max_length=3, description=allowed)]
+
+
+# ---- sections ----
+
+class _Section(BaseModel):
+    # strict: 2.5 or "zero" is not an int, null is not a number; floats still take ints
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class DataSection(_Section):
+    root: PathText
+    label_fixes: _described(str | None, "a path to a label-fixes CSV (may use {data.root}), or null")
+    old_age: Age
+    train_old_age: Age
+    crop: Annotated[list[_float(ge=0, le=1)], Field(
+        min_length=4, max_length=4,
+        description="4 numbers [x0, y0, x1, y1] in [0, 1] with x0 < x1 and y0 < y1"), AfterValidator(_box_not_inverted)]
+    image_size: _size(16)
+    cache_dir: PathText
+    num_workers: CountOrZero
+
+    @model_validator(mode="after")
+    def _training_cut_not_above_official(self):
+        if self.train_old_age > self.old_age:
+            raise _refuse(f"must be <= data.old_age ({self.old_age}): the training age cut may move down, never up",
+                          "data.train_old_age")
+        return self
+
+
+class OutputSection(_Section):
+    dir: PathText
+
+
+class FoldsSection(_Section):
+    dir: PathText
+    k: _int(ge=2)
+    seed: Seed
+
+
+class SynthSection(_Section):
+    out: PathText
+    people: Count
+    eval_people: Count
+    seed: Seed
+    image_size: _size(32)
+    label_noise: _float(ge=0, le=0.5)
+    workers: Count
+
+
+class ModelSection(_Section):
+    backbones: Annotated[list[Text], Field(
+        min_length=1, description="a non-empty list of distinct timm model names"), AfterValidator(_distinct)]
+    head: _one_of("multihead", "single")
+    pretrained: Bool
+    pretrained_files: _described(dict[Text, Text], "a mapping of backbone name to weights file path")
+    drop_rate: _float(ge=0, lt=1)
+    head_weights: _described(dict[Literal["mask", "gender", "age"], Positive],
+                             "a mapping of mask, gender and/or age to a number > 0")
+
+
+class TrainSection(_Section):
+    folds: _described(Folds | None, f"null (all folds) or {FOLDS_ALLOWED}")
+    epochs: Count
+    batch_size: Count
+    optimizer: _one_of("adamw", "sgd")
+    lr: Positive
+    weight_decay: NonNegative
+    momentum: _float(ge=0, lt=1)
+    schedule: _one_of("cosine", "step", "plateau", "none")
+    step_size: Count
+    gamma: _float(gt=0, le=1)
+    warmup_epochs: CountOrZero
+    patience: Count
+    loss: _one_of("ce", "focal", "smooth", "f1")
+    label_smoothing: _float(ge=0, lt=1)
+    focal_gamma: NonNegative
+    class_weights: Bool
+    weighted_sampler: Bool
+    cutmix_p: _float(ge=0, le=1)
+    seed: Seed
+    device: _one_of("auto", "cpu", "cuda")
+    amp: Bool
+    channels_last: Bool
+    threads: CountOrZero
+    max_batches: CountOrZero
+
+    @model_validator(mode="after")
+    def _no_warmup_before_plateau(self):
+        if self.schedule == "plateau" and self.warmup_epochs > 0:
+            raise _refuse("must be 0 with train.schedule=plateau (warmup is not applied before plateau yet): "
+                          "set train.warmup_epochs=0", "train.warmup_epochs")
+        return self
+
+
+class AugmentSection(_Section):
+    mean: _three(_float(), "3 numbers (one per RGB channel)")
+    std: _three(_float(gt=0), "3 numbers > 0 (one per RGB channel)")
+    train: _described(list[Annotated[dict[str, Any], AfterValidator(_names_a_transform)]] | None,
+                      "null or a list of albumentations transforms, each a mapping with a string 'name' "
+                      "(e.g. {name: HorizontalFlip, p: 0.5})")
+
+
+class InferSection(_Section):
+    tta: Annotated[list[Annotated[str, AfterValidator(_tta_view)]], Field(
+        min_length=1, description=f"a non-empty list of distinct views, each {TTA_VIEWS}"), AfterValidator(_distinct)]
+    batch_size: Count
+
+
+class EnsembleSection(_Section):
+    weights: _one_of("equal", "fit")
+    weight_step: Annotated[float, Field(gt=0, le=1, allow_inf_nan=False,
+                                        description="a number in (0, 1] whose inverse is whole (0.05, 0.1, 0.25, ...)"),
+                           AfterValidator(_divides_one)]
+    combine: _one_of("joint", "heads")
+    use_tta: Bool
+
+
+class TuneSection(_Section):
+    trials: Count
+    storage: Annotated[str, Field(pattern=STORAGE_URL,
+                                  description="a storage URL: sqlite:///FILE, journal:FILE or postgresql://... "
+                                              "(or mysql://...)")]
+    study: _described(Text, "a non-empty study name")
+    folds: _described(Folds, FOLDS_ALLOWED)
+    epochs: Count
+    backbone: _described(Text | None, "null (the first of model.backbones) or a backbone name")
+    seed: Seed
+    pruner: _one_of("median", "none")
+    heartbeat_s: Positive
+    grace_s: Positive
+    max_retry: CountOrZero
+    space: _described(list[dict[str, Any]],
+                      "a list of {param: <config key>, type: float|int|categorical, low, high[, log] | choices}")
+
+    @field_validator("space")
+    @classmethod
+    def _space_entries_are_usable(cls, space: list[dict], info: ValidationInfo) -> list[dict]:
+        known_keys = (info.context or {}).get("known_keys")
+        for index, entry in enumerate(space):
+            problem = _space_entry_problem(entry, known_keys)
+            if problem:
+                raise _refuse(problem, f"tune.space[{index}]")
+        params = [entry["param"] for entry in space]
+        repeated = sorted({param for param in params if params.count(param) > 1})
+        if repeated:
+            raise _refuse(f"each param may appear once; repeated: {', '.join(repeated)}", "tune.space")
+        return space
+
+    @model_validator(mode="after")
+    def _grace_outlasts_heartbeat(self):
+        if self.grace_s <= self.heartbeat_s:
+            raise _refuse(f"must be greater than tune.heartbeat_s ({self.heartbeat_s:g}): a live worker would be "
+                          "declared dead between two heartbeats", "tune.grace_s")
+        return self
+
+
+def _space_entry_problem(entry: dict, known_keys: Collection[str] | None) -> str | None:
+    """What is wrong with one tune.space entry (structure only; values are tried in `_space_value_problems`)."""
+    param, kind = entry.get("param"), entry.get("type")
+    if not isinstance(param, str) or kind not in SPACE_TYPES:
+        return f"needs param (a config key) and type ({', '.join(SPACE_TYPES)})"
+    if known_keys is not None and param not in known_keys:
+        close = difflib.get_close_matches(param, sorted(known_keys), n=1)
+        return f"param {param!r} is not a config key" + (f"; did you mean {close[0]!r}?" if close else "")
+    if kind == "categorical":
+        extra = set(entry) - {"param", "type", "choices"}
+        choices = entry.get("choices")
+        if not isinstance(choices, list) or not choices:
+            return "a categorical param needs a non-empty choices list"
+        return f"a categorical param takes only param, type, choices; not {', '.join(sorted(extra))}" if extra else None
+    return _range_problem(entry, kind)
+
+
+def _range_problem(entry: dict, kind: str) -> str | None:
+    extra = set(entry) - {"param", "type", "low", "high", "log"}
+    if extra:
+        return f"a {kind} param takes only param, type, low, high, log; not {', '.join(sorted(extra))}"
+    number = int if kind == "int" else (int, float)
+    low, high, log = entry.get("low"), entry.get("high"), entry.get("log", False)
+    if not all(isinstance(v, number) and not isinstance(v, bool) for v in (low, high)):
+        return f"a {kind} param needs low and high, both {'integers' if kind == 'int' else 'numbers'}"
+    if not low < high:
+        return f"needs low < high, got low {low} and high {high}"
+    if not isinstance(log, bool):
+        return "log must be true or false"
+    if log and low <= 0:
+        return f"log: true needs low > 0, got {low}"
+    return None
+
+
+class Config(BaseModel):
+    """The whole config; the section order matters: a cross-section check sees only the sections before it."""
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    data: DataSection
+    output: OutputSection
+    folds: FoldsSection
+    synth: SynthSection
+    model: ModelSection
+    train: TrainSection
+    augment: AugmentSection
+    infer: InferSection
+    ensemble: EnsembleSection
+    tune: TuneSection
+
+    @field_validator("train")
+    @classmethod
+    def _train_folds_exist(cls, train: TrainSection, info: ValidationInfo) -> TrainSection:
+        _check_folds_exist("train.folds", train.folds, info.data.get("folds"))
+        return train
+
+    @field_validator("tune")
+    @classmethod
+    def _tune_folds_exist(cls, tune: TuneSection, info: ValidationInfo) -> TuneSection:
+        _check_folds_exist("tune.folds", tune.folds, info.data.get("folds"))
+        return tune
+
+
+def _check_folds_exist(key: str, chosen: list[int] | None, folds: FoldsSection | None) -> None:
+    if folds is None or not chosen:  # folds section itself invalid (reported there), or "all folds"
+        return
+    missing = [fold for fold in chosen if fold >= folds.k]
+    if missing:
+        raise _refuse(f"must list folds in 0..{folds.k - 1} (folds.k = {folds.k}); no fold {missing}", key)
+
+
+# ---- from pydantic errors to one line per key ----
+
+def config_problems(cfg: dict, known_keys: Collection[str]) -> list[str]:
+    """Every problem of a merged config, one `<key> = <value!r>: <allowed>` line per bad key; [] when valid.
+
+    `known_keys`: the dotted keys base.yaml declares (what a tune.space param may name). The loader's
+    `name` entry is not a config key and is ignored."""
+    sections = {key: value for key, value in cfg.items() if key != "name"}
+    problems = _validation_problems(sections, known_keys)
+    return problems or _space_value_problems(sections, known_keys)
+
+
+def _validation_problems(sections: dict, known_keys: Collection[str]) -> list[str]:
+    try:
+        Config.model_validate(sections, context={"known_keys": frozenset(known_keys)})
+    except ValidationError as error:
+        lines = {}
+        for item in error.errors():
+            key, value, allowed = _describe(item, sections)
+            lines.setdefault(key, f"{key} = {value!r}: {allowed}")
+        return list(lines.values())
+    return []
+
+
+def _describe(item: dict, sections: dict) -> tuple[str, Any, str]:
+    """(key, bad value, what is allowed) for one pydantic error."""
+    ctx = item.get("ctx") or {}
+    if item["type"] == "config_rule" and "key" in ctx:
+        return ctx["key"], _value_at(sections, ctx["key"]), ctx["allowed"]
+    key, value = _locate(item["loc"], sections)
+    if item["type"] == "config_rule":
+        return key, value, ctx["allowed"]
+    return key, value, _allowed(item)
+
+
+def _locate(loc: tuple, sections: dict) -> tuple[str, Any]:
+    """The dotted key and value an error is about: the whole value of a key, or one mapping of a list
+    of mappings (tune.space[2]), which is shorter to read than the whole list."""
+    if not loc:
+        return "config", sections
+    key, value = str(loc[0]), sections.get(loc[0])
+    if len(loc) > 1 and isinstance(value, dict):
+        key, value = f"{key}.{loc[1]}", value.get(loc[1])
+        if len(loc) > 2 and isinstance(loc[2], int) and isinstance(value, list) and isinstance(value[loc[2]], dict):
+            key, value = f"{key}[{loc[2]}]", value[loc[2]]
+    return key, value
+
+
+def _allowed(item: dict) -> str:
+    loc = item["loc"]
+    section = Config.model_fields.get(loc[0]) if loc else None
+    if section is None:
+        return "is not a config section"
+    if len(loc) == 1:
+        return "must be a mapping of keys (a config section)"
+    field = section.annotation.model_fields.get(loc[1])
+    if field is None:
+        return "is not a config key"
+    return f"must be {field.description}" if field.description else item["msg"]
+
+
+def _value_at(sections: dict, dotted: str):
+    node = sections
+    for part in dotted.replace("[", ".").replace("]", "").split("."):
+        node = node[int(part)] if isinstance(node, list) else node.get(part)
+    return node
+
+
+# ---- tune.space: would each value a trial can draw pass? ----
+
+def _space_value_problems(sections: dict, known_keys: Collection[str]) -> list[str]:
+    """Try the ends of each range and every choice, so a bad space fails at load, not at trial 17."""
+    problems = []
+    for index, entry in enumerate(sections["tune"]["space"]):
+        for value in _candidate_values(entry):
+            trial = _with_value(sections, entry["param"], value)
+            refused = _validation_problems(trial, known_keys)
+            if refused:
+                problems.append(f"tune.space[{index}] = {entry!r}: a trial could set {refused[0]}")
+                break
+    return problems
+
+
+def _candidate_values(entry: dict) -> list:
+    if entry["type"] == "categorical":
+        return list(entry["choices"])
+    cast = float if entry["type"] == "float" else int
+    return [cast(entry["low"]), cast(entry["high"])]
+
+
+def _with_value(sections: dict, dotted: str, value) -> dict:
+    changed = copy.deepcopy(sections)
+    *parents, last = dotted.split(".")
+    node = changed
+    for part in parents:
+        node = node[part]
+    node[last] = value
+    return changed

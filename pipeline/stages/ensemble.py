@@ -1,0 +1,61 @@
+"""ensemble stage: soft-vote folds (mean) and backbones (equal or OOF-fitted weights) into submission.csv.
+
+Reads only probability tables, each checked up to date against the current checkpoints (inference
+tables made from older ones are refused, naming the infer stage). Writes <output.dir>/submission.csv
+(info.csv's rows and order, checked) and ensemble.json.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from pipeline import labels
+from pipeline.artifacts import EVAL_PROBS, VAL_PROBS_TTA, output_dir
+from pipeline.data.images import files_key
+from pipeline.data.layout import data_fingerprint, load_eval, load_train
+from pipeline.evaluate.ensemble import backbone_weights, combine, submission_frame
+from pipeline.evaluate.metrics import score_probs
+from pipeline.evaluate.tables import check_coverage, fresh_infer_artifacts, mean_of_folds, oof_table, pool_folds, probs_of
+from pipeline.io import atomic_write_json, atomic_write_text, provenance
+from pipeline.stages import stage_main
+
+
+def run(cfg: dict, force: bool = False) -> dict:
+    table, _ = load_train(cfg)
+    fingerprint = data_fingerprint(table)
+    info, _ = load_eval(cfg)
+    eval_ids, eval_key = info["ImageID"].to_numpy().astype(str), files_key(info["file"])
+    backbones, e = list(cfg["model"]["backbones"]), cfg["ensemble"]
+    oof, oof_tta, evals = [], [], []
+    for backbone in backbones:
+        pooled = oof_table(cfg, backbone, table)
+        infer = fresh_infer_artifacts(cfg, backbone, fingerprint, eval_key)
+        pooled_tta = pool_folds({fold: out.path(VAL_PROBS_TTA) for fold, out in infer.items()})
+        check_coverage(pooled_tta, table["image_id"], f"backbone {backbone} (TTA)")
+        oof.append(probs_of(pooled))
+        oof_tta.append(probs_of(pooled_tta))
+        evals.append(mean_of_folds({fold: out.path(EVAL_PROBS) for fold, out in infer.items()}, eval_ids, backbone))
+    label = pooled["label"]  # every pooled table is sorted by image id, so labels align across backbones
+    weights = backbone_weights(oof_tta if e["use_tta"] else oof, label, e)
+    members = {b: {"weight": float(w), "oof": score_probs(oof[i], label), "oof_tta": score_probs(oof_tta[i], label)}
+               for i, (b, w) in enumerate(zip(backbones, weights))}
+    scores = {"oof": score_probs(combine(oof, weights, e["combine"]), label),
+              "oof_tta": score_probs(combine(oof_tta, weights, e["combine"]), label)}
+    submission = submission_frame(info[["ImageID", "ans"]], combine(evals, weights, e["combine"])["joint"])
+    out = output_dir(cfg)
+    atomic_write_text(out / "submission.csv", submission.to_csv(index=False, lineterminator="\n"))
+    report = {"members": members, "weights": dict(zip(backbones, map(float, weights))), "combine": e["combine"],
+              "weights_mode": e["weights"], "use_tta": e["use_tta"], "tta": cfg["infer"]["tta"],
+              "ensemble": scores, "submission": str(out / "submission.csv"),
+              "predicted_class_counts": np.bincount(submission["ans"], minlength=labels.NUM_CLASSES).tolist(),
+              **provenance(cfg, cfg["train"]["seed"], fingerprint)}
+    atomic_write_json(out / "ensemble.json", report)
+    for b, m in members.items():
+        print(f"[ensemble] {b:<32} weight {m['weight']:.2f}  OOF F1 {m['oof']['f1']:.4f}  "
+              f"with TTA {m['oof_tta']['f1']:.4f}")
+    print(f"[ensemble] ensemble OOF F1 {scores['oof']['f1']:.4f}, with TTA {scores['oof_tta']['f1']:.4f}; "
+          f"wrote {out / 'submission.csv'} ({len(submission)} rows)")
+    return report
+
+
+if __name__ == "__main__":
+    stage_main(run, "ensemble")

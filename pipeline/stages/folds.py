@@ -1,0 +1,27 @@
+"""folds stage: person-grouped, stratified folds (pipeline.data.folds), shared by every backbone and run."""
+from __future__ import annotations
+
+from pipeline.data.folds import folds_artifact, folds_path, write_folds
+from pipeline.data.layout import load_train
+from pipeline.errors import StaleArtifactError
+from pipeline.stages import stage_main
+
+
+def run(cfg: dict, force: bool = False) -> dict:
+    table, _ = load_train(cfg)
+    path = folds_path(cfg)
+    status, message = folds_artifact(cfg, table).state()
+    if status == "fresh" and not force:
+        print(f"[folds] {message}; reusing it")
+        return {"path": str(path)}
+    if status == "stale" and not force:
+        raise StaleArtifactError(message)  # shared by every run of this data: never overwritten silently
+    per_fold = write_folds(cfg, table)
+    print(f"[folds] wrote {path}")
+    for fold, counts in per_fold.items():
+        print(f"  fold {fold}: {counts['people']} people")
+    return {"path": str(path)}
+
+
+if __name__ == "__main__":
+    stage_main(run, "folds")
