@@ -31,3 +31,7 @@ class MissingArtifactError(ArtifactError, FileNotFoundError):
 
 class StaleArtifactError(ArtifactError):
     pass
+
+
+class WriteError(MaskfoldError, OSError):
+    """An artifact could not be written (disk full, no permission); the previous version is intact."""

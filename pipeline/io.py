@@ -5,12 +5,15 @@ import hashlib
 import io
 import json
 import os
+import re
 import subprocess
 import tempfile
 from pathlib import Path
 
 import numpy as np
 import yaml
+
+from pipeline.errors import ArtifactError, WriteError
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 _UMASK = os.umask(0)
@@ -20,20 +23,29 @@ os.umask(_UMASK)
 def atomic_write_bytes(path, data: bytes) -> Path:
     """Write to a temp file in the same folder, then rename: no reader sees half a file."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; artifacts get the usual permissions
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
+    except OSError as error:
+        _remove(tmp)
+        raise WriteError(f"cannot write {path}: {error.strerror or error}; "
+                         f"its previous version, if any, is intact") from error
     except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        _remove(tmp)
         raise
     return path
+
+
+def _remove(tmp: str | None) -> None:
+    if tmp and os.path.exists(tmp):
+        os.unlink(tmp)
 
 
 def atomic_write_text(path, text: str) -> Path:
@@ -69,8 +81,6 @@ def torch_load(path):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # a truncated or foreign file: say which
-        from pipeline.errors import ArtifactError
-
         raise ArtifactError(f"{path}: cannot load checkpoint ({error})") from error
 
 
@@ -107,14 +117,30 @@ def stable_hash(obj, length: int = 12) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:length]
 
 
+_URL_PASSWORD = re.compile(r"(?P<user>\b[a-z][a-z0-9+.-]*://[^/:@\s]*):[^@\s]*@", re.IGNORECASE)
+
+
+def redacted(value):
+    """A copy with the password of every URL (`scheme://user:password@host`) replaced by ***.
+
+    Artifacts and logs never hold a secret: the config's storage URL may carry a database password."""
+    if isinstance(value, str):
+        return _URL_PASSWORD.sub(r"\g<user>:***@", value)
+    if isinstance(value, dict):
+        return {key: redacted(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(redacted(item) for item in value)
+    return value
+
+
 def provenance(cfg: dict, seed: int, data_fingerprint: str) -> dict:
-    """What every report embeds: the resolved config, the seed, the data fingerprint and the git commit."""
-    return {"config": cfg, "seed": seed, "data_fingerprint": data_fingerprint, "git_commit": git_commit()}
+    """What every report embeds: the resolved config (redacted), the seed, the data fingerprint and the git commit."""
+    return {"config": redacted(cfg), "seed": seed, "data_fingerprint": data_fingerprint, "git_commit": git_commit()}
 
 
 def write_provenance(folder, cfg: dict, seed: int, extra: dict | None = None) -> None:
     """Every artifact folder holds its resolved config, seed, git commit (and whatever else it depends on)."""
     folder = Path(folder)
-    atomic_write_yaml(folder / "config.yaml", cfg)
+    atomic_write_yaml(folder / "config.yaml", redacted(cfg))
     meta = {"seed": seed, "git_commit": git_commit(), **(extra or {})}
     atomic_write_json(folder / "meta.json", meta)

@@ -22,7 +22,7 @@ from pydantic_core import PydanticCustomError
 
 TTA_VIEWS = "none, hflip or scale:<factor > 0>"
 SPACE_TYPES = ("float", "int", "categorical")
-STORAGE_URL = r"^(sqlite:///.+|journal:.+|(postgresql|mysql)(\+\w+)?://.+)$"
+STORAGE_URL = r"^(sqlite:///.+|journal:.+|(postgresql|mysql)(\+\w+)?://.+|env:[A-Za-z_][A-Za-z0-9_]*)$"
 
 
 # ---- building blocks: a type plus the sentence that says what it allows ----
@@ -239,7 +239,7 @@ class EnsembleSection(_Section):
 class TuneSection(_Section):
     trials: Count
     storage: Annotated[str, Field(pattern=STORAGE_URL,
-                                  description="a storage URL: sqlite:///FILE, journal:FILE or postgresql://... "
+                                  description="a storage URL: sqlite:///FILE, journal:FILE, postgresql://... or env:VARIABLE "
                                               "(or mysql://...)")]
     study: _described(Text, "a non-empty study name")
     folds: _described(Folds, FOLDS_ALLOWED)

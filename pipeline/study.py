@@ -11,6 +11,7 @@ median pruner stops hopeless trials. The best values are written back as a loada
 """
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -21,15 +22,27 @@ from sqlalchemy.exc import SQLAlchemyError
 from pipeline.artifacts import output_dir
 from pipeline.config import with_values
 from pipeline.errors import ConfigError
-from pipeline.io import atomic_write_json, atomic_write_text, git_commit
+from pipeline.io import atomic_write_json, atomic_write_text, git_commit, redacted
 
 PARAM_TYPES = ("float", "int", "categorical")
+
+
+def storage_url(cfg: dict) -> str:
+    """`tune.storage`, or the URL in the environment variable it names as `env:NAME` (keeps a password
+    out of config files)."""
+    url = str(cfg["tune"]["storage"])
+    if url.startswith("env:"):
+        name = url.removeprefix("env:")
+        if not os.environ.get(name):
+            raise ConfigError(f"tune.storage is {url!r} but the environment variable {name} is not set")
+        url = os.environ[name]
+    return url
 
 
 def make_storage(cfg: dict):
     """The study's storage object, from `tune.storage`."""
     t = cfg["tune"]
-    url = str(t["storage"])
+    url = storage_url(cfg)
     if url.startswith("journal:"):
         path = Path(url.removeprefix("journal:"))
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -124,7 +137,7 @@ def write_best(cfg: dict, study: optuna.Study) -> Path | None:
     header = (f"# Best of Optuna study '{cfg['tune']['study']}' (trial {best.number}, mean val macro F1 "
               f"{best.value:.4f} on folds {cfg['tune']['folds']} after {cfg['tune']['epochs']} epochs).\n"
               f"# Use it: python -m pipeline.train -c {path}\n")
-    atomic_write_text(path, header + yaml.safe_dump(best_cfg, sort_keys=False))
+    atomic_write_text(path, header + yaml.safe_dump(redacted(best_cfg), sort_keys=False))
     atomic_write_json(folder / "best.json", {"study": cfg["tune"]["study"], "trial": best.number,
                                              "value": best.value, "params": best.params,
                                              "seed": cfg["tune"]["seed"], "git_commit": git_commit()})

@@ -149,6 +149,18 @@ def test_label_fixes_are_applied_and_logged(tmp_path, data_copy):
     assert len([line for line in info["fixes"] if "skipped" not in line]) == 2
 
 
+def test_a_label_fix_with_an_impossible_age_is_listed_with_every_other_problem(tmp_path, data_copy):
+    frame = pd.read_csv(data_copy / "train" / "train.csv", dtype=str)
+    fixes = tmp_path / "fixes.csv"
+    fixes.write_text(f"id,field,value,reason\n{frame['id'][0]},age,500,typo\n")
+    edit_train_csv(data_copy, lambda f: f.loc.__setitem__((1, "gender"), "robot"))
+    with pytest.raises(DataError) as caught:
+        check.run(make_config(tmp_path, data_copy, f"data.label_fixes={fixes}"))
+    problems = caught.value.problems
+    assert any("fixes.csv row 1" in p and "age 500 is outside 1..120" in p for p in problems)
+    assert any("row 2" in p and "'robot'" in p for p in problems)  # the bad fix hides nothing else
+
+
 @pytest.mark.skipif(not (REAL_META / "train.csv").exists(), reason="real metadata not present")
 def test_real_metadata_ingests_with_the_real_counts(tmp_path):
     from pipeline.data.layout import read_people

@@ -147,3 +147,26 @@ def test_two_workers_share_one_study_on_postgresql(tmp_path, tiny_data):
     complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     assert 4 <= len(complete) <= 5  # MaxTrialsCallback stops both; one may finish a trial in flight
     optuna.delete_study(study_name=study_name, storage=storage)
+
+
+def test_no_artifact_holds_the_storage_password(tmp_path, tiny_data, monkeypatch):
+    secret = "s3cr3t-pw"
+    cfg = make_config(tmp_path, tiny_data, *QUICK, "train.epochs=1", "train.max_batches=1",
+                      f"tune.storage=postgresql://user:{secret}@db.example/optuna")
+    folds.run(cfg)
+    from pipeline.stages import train
+
+    train.run(cfg)
+    written = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert any(p.name == "config.yaml" for p in written)
+    assert not [p for p in written if secret.encode() in p.read_bytes()]
+    assert "postgresql://user:***@db.example/optuna" in (next(p for p in written if p.name == "config.yaml")).read_text()
+
+
+def test_the_storage_url_can_come_from_an_environment_variable(tmp_path, monkeypatch):
+    cfg = load_config("configs/demo.yaml", ["tune.storage=env:MASKFOLD_TEST_STORAGE"])
+    with pytest.raises(ConfigError, match="MASKFOLD_TEST_STORAGE is not set"):
+        study_lib.make_storage(cfg)
+    monkeypatch.setenv("MASKFOLD_TEST_STORAGE", f"sqlite:///{tmp_path}/from-env.db")
+    study_lib.make_storage(cfg)
+    assert (tmp_path / "from-env.db").exists()

@@ -149,6 +149,8 @@ def read_label_fixes(path) -> pd.DataFrame:
         elif row.field == "age":
             if not str(row.value).isdigit():
                 problems.append(f"{where}: age {row.value!r} is not an integer")
+            elif not MIN_AGE <= int(row.value) <= MAX_AGE:
+                problems.append(f"{where}: age {row.value} is outside {MIN_AGE}..{MAX_AGE}")
         elif row.field == "swap_mask":
             pair = str(row.value).split(":")
             if len(pair) != 2 or any(p not in labels.MASK_BY_STEM for p in pair):
@@ -195,7 +197,12 @@ def load_train(cfg: dict, strict: bool = True) -> tuple[pd.DataFrame, dict]:
     """
     root = cfg["data"]["root"]
     people, problems, warnings = read_people(root)
-    fixes = read_label_fixes(cfg["data"]["label_fixes"]) if cfg["data"]["label_fixes"] else None
+    fixes = None
+    if cfg["data"]["label_fixes"]:
+        try:
+            fixes = read_label_fixes(cfg["data"]["label_fixes"])
+        except DataError as error:  # listed with every other problem, not instead of them
+            problems.extend(error.problems)
     swaps, fix_log = {}, []
     if fixes is not None:
         people, swaps, fix_log = apply_label_fixes(people, fixes)

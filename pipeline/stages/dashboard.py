@@ -4,6 +4,7 @@
 """
 from __future__ import annotations
 
+from pipeline.io import redacted
 from pipeline.stages import stage_main
 
 
@@ -13,7 +14,7 @@ def run(cfg: dict, force: bool = False, port: int = 8080) -> None:
     from pipeline.study import make_storage
 
     storage = make_storage(cfg)
-    print(f"Optuna dashboard for {cfg['tune']['storage']} on http://127.0.0.1:{port}/", flush=True)
+    print(f"Optuna dashboard for {redacted(cfg['tune']['storage'])} on http://127.0.0.1:{port}/", flush=True)
     run_server(storage, host="127.0.0.1", port=port)
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import optuna
 
 from pipeline.errors import MaskfoldError
+from pipeline.io import redacted
 from pipeline.stages import stage_main
 from pipeline.study import load_study, objective_for, write_best
 
@@ -19,7 +20,7 @@ def run(cfg: dict, force: bool = False) -> dict:
     study = load_study(cfg)
     data = load_train_data(cfg)
     done = sum(trial.state in FINISHED for trial in study.trials)
-    print(f"[tune] study '{t['study']}' in {t['storage']}: {done} of {t['trials']} trials finished")
+    print(f"[tune] study '{t['study']}' in {redacted(t['storage'])}: {done} of {t['trials']} trials finished")
     if done < t["trials"]:
         # MaxTrialsCallback counts every worker's trials, so N workers together stop at tune.trials.
         # Only expected errors fail a trial quietly; a bug stops the study with its traceback.
