@@ -101,12 +101,11 @@ class Artifact:
             return "missing", f"{self.what}: missing ({self.stamp_path} not found); run: {self.remedy}"
         if stamp.get("key") != self.key:
             changes = identity_changes(stamp.get("identity", {}), self.identity) or "unknown inputs"
-            return "stale", (f"{self.what}: stale, made from other inputs ({changes}); "
-                             f"re-run: {self.remedy} (or --force)")
+            return "stale", f"{self.what}: stale, made from other inputs ({changes}); re-run: {self.remedy}"
         gone = [name for name in self.outputs if not self.path(name).exists()]
         if gone:
-            return "missing", f"{self.what}: incomplete ({', '.join(str(self.path(n)) for n in gone)} missing); " \
-                              f"run: {self.remedy} --force"
+            return "missing", (f"{self.what}: incomplete ({', '.join(str(self.path(n)) for n in gone)} missing); "
+                               f"run: {self.remedy}")
         return "fresh", f"{self.what}: up to date ({self.folder})"
 
     def is_fresh(self) -> bool:
@@ -173,7 +172,8 @@ def train_artifact(cfg: dict, backbone: str, fold: int, fingerprint: str) -> Art
         what=f"train job {backbone} fold {fold}",
         folder=output_dir(cfg, "train", safe_name(backbone), f"fold{fold}"),
         identity={"config": job_config(cfg, backbone), "data_fingerprint": fingerprint, "fold": fold},
-        remedy=f"./run.sh train -c CONFIG model.backbones=[{backbone}] train.folds=[{fold}]",
+        remedy=f"./run.sh train -c CONFIG model.backbones=[{backbone}] train.folds=[{fold}] --force "
+               f"(or another output.dir)",
         outputs=(BEST, VAL_PROBS))
 
 

@@ -85,6 +85,15 @@ def test_a_finished_job_under_another_config_is_refused(tmp_path, tiny_data):
         train.run(make_config(tmp_path, tiny_data, *FAST, "train.epochs=1", "train.loss=focal"))
 
 
+def test_a_finished_job_that_lost_its_checkpoint_is_trained_again(tmp_path, tiny_data, capsys):
+    cfg = make_config(tmp_path, tiny_data, *FAST, "train.epochs=1", "train.max_batches=1")
+    folds.run(cfg)
+    train.run(cfg)
+    (job_folder(tmp_path) / "best.pt").unlink()
+    assert train.run(cfg)[0]["epochs_run"] == 1
+    assert "best.pt missing" in capsys.readouterr().out and (job_folder(tmp_path) / "best.pt").exists()
+
+
 def test_checkpoints_load_with_weights_only(tmp_path, tiny_data):
     run_job(tmp_path, tiny_data)
     for name in ("best.pt", "last.pt"):

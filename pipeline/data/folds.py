@@ -41,7 +41,8 @@ def folds_artifact(cfg: dict, table: pd.DataFrame) -> Artifact:
     return Artifact(what=f"folds file {path}", folder=path.parent, stamp_name=path.with_suffix(".json").name,
                     identity={"people": people_fingerprint(people), "k": cfg["folds"]["k"],
                               "seed": cfg["folds"]["seed"], "old_age": cfg["data"]["old_age"]},
-                    remedy="./run.sh folds -c CONFIG", outputs=(path.name,))
+                    remedy="./run.sh folds -c CONFIG --force (replaces the file every run of this data shares)",
+                    outputs=(path.name,))
 
 
 def assign_folds(table: pd.DataFrame, k: int, seed: int, old_age: int) -> pd.DataFrame:

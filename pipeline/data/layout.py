@@ -262,6 +262,22 @@ def load_eval(cfg: dict, strict: bool = True) -> tuple[pd.DataFrame, list[str]]:
     return frame, problems
 
 
+def counts(table: pd.DataFrame, people: pd.DataFrame, cfg: dict) -> dict:
+    """People and images by gender, age band (official and training cut), mask and class."""
+    train_bands = labels.age_band(people["age"].to_numpy(), cfg["data"]["train_old_age"])
+    official_bands = labels.age_band(people["age"].to_numpy(), cfg["data"]["old_age"])
+    return {
+        "people": int(len(people)),
+        "images": int(len(table)),
+        "people_by_gender": {labels.GENDER_NAMES[g]: int((people["gender"] == g).sum()) for g in (0, 1)},
+        "people_by_age_band": {labels.AGE_NAMES[b]: int((official_bands == b).sum()) for b in range(3)},
+        "people_by_train_age_band": {labels.AGE_NAMES[b]: int((train_bands == b).sum()) for b in range(3)},
+        "images_by_mask": {labels.MASK_NAMES[m]: int((table["mask"] == m).sum()) for m in range(3)},
+        "images_by_class": {int(c): int((table["label"] == c).sum()) for c in range(labels.NUM_CLASSES)},
+        "age_range": [int(people["age"].min()), int(people["age"].max())] if len(people) else None,
+    }
+
+
 def data_fingerprint(table: pd.DataFrame) -> str:
     """Identity of the labelled data: which images, of whom, with which labels."""
     return stable_hash(table[["image_id", "person_id", "label", "age"]].to_numpy().tolist(), length=16)

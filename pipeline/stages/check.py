@@ -4,30 +4,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 
 from pipeline import labels
 from pipeline.artifacts import output_dir
 from pipeline.data.images import verify_images
-from pipeline.data.layout import load_eval, load_train
+from pipeline.data.layout import counts, load_eval, load_train
 from pipeline.errors import DataError
 from pipeline.io import atomic_write_json, git_commit
 from pipeline.stages import stage_main
-
-
-def summarize(table: pd.DataFrame, people: pd.DataFrame, cfg: dict) -> dict:
-    train_bands = labels.age_band(people["age"].to_numpy(), cfg["data"]["train_old_age"])
-    official_bands = labels.age_band(people["age"].to_numpy(), cfg["data"]["old_age"])
-    return {
-        "people": int(len(people)),
-        "images": int(len(table)),
-        "people_by_gender": {labels.GENDER_NAMES[g]: int((people["gender"] == g).sum()) for g in (0, 1)},
-        "people_by_age_band": {labels.AGE_NAMES[b]: int((official_bands == b).sum()) for b in range(3)},
-        "people_by_train_age_band": {labels.AGE_NAMES[b]: int((train_bands == b).sum()) for b in range(3)},
-        "images_by_mask": {labels.MASK_NAMES[m]: int((table["mask"] == m).sum()) for m in range(3)},
-        "images_by_class": {int(c): int((table["label"] == c).sum()) for c in range(labels.NUM_CLASSES)},
-        "age_range": [int(people["age"].min()), int(people["age"].max())] if len(people) else None,
-    }
 
 
 def run(cfg: dict, force: bool = False) -> dict:
@@ -45,7 +29,7 @@ def run(cfg: dict, force: bool = False) -> dict:
     if problems:
         raise DataError(problems)
 
-    report = summarize(table, info["people"], cfg)
+    report = counts(table, info["people"], cfg)
     report["eval_images"] = int(len(eval_table))
     report["label_fixes"] = info["fixes"]
     report["warnings"] = info["warnings"]

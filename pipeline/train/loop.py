@@ -170,12 +170,15 @@ def _log_epoch(artifact: Artifact, writer, state: LoopState, record: dict, impro
 
 def _start(artifact: Artifact, force: bool) -> dict | None:
     """The stamp of a finished, up-to-date job (skip it), or None to train; a stale stamp is refused."""
-    if force and artifact.folder.exists():
-        shutil.rmtree(artifact.folder)
     status, message = artifact.state()
-    if status == "stale":
+    if status == "stale" and not force:
         raise StaleArtifactError(message)
-    return artifact.read_stamp() if status == "fresh" else None
+    incomplete = status == "missing" and artifact.stamp_path.exists()  # stamped, but an output file is gone
+    if incomplete:
+        print(f"[train] {message}: training it again")
+    if (force or incomplete) and artifact.folder.exists():
+        shutil.rmtree(artifact.folder)
+    return artifact.read_stamp() if status == "fresh" and not force else None
 
 
 def train_job(cfg: dict, backbone: str, fold: int, data: TrainData | None = None, force: bool = False,
