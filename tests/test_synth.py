@@ -232,3 +232,20 @@ def test_synth_refuses_to_write_into_a_folder_it_did_not_make(tmp_path):
     with pytest.raises(MaskfoldError, match="refusing"):
         synth_stage.run(_cfg(tmp_path / "mine"))
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+
+
+def test_a_killed_synth_run_is_redone_not_skipped(tmp_path, monkeypatch):
+    cfg = _cfg(tmp_path / "d", people=3, eval_people=1)
+    synth_stage.run(cfg)
+    real = synth.write_known_fixes
+
+    def killed(path, noise):
+        raise KeyboardInterrupt("killed before the fixes file")
+
+    monkeypatch.setattr(synth, "write_known_fixes", killed)
+    with pytest.raises(KeyboardInterrupt):
+        synth_stage.run(cfg, force=True)  # the same dataset again, killed halfway
+    monkeypatch.setattr(synth, "write_known_fixes", real)
+    again = synth_stage.run(cfg)
+    assert not again["skipped"] and (tmp_path / "d" / "label_fixes.csv").exists()
+    assert synth_stage.run(cfg)["skipped"]
