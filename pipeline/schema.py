@@ -139,6 +139,7 @@ class DataSection(_Section):
     image_size: _size(16)
     cache_dir: PathText
     num_workers: CountOrZero
+    max_image_pixels: _int(1024)
 
     @model_validator(mode="after")
     def _training_cut_not_above_official(self):

@@ -44,3 +44,38 @@ def test_crop_and_size_are_part_of_the_key(tmp_path, data_copy, files):
     assert len(paths) == 3
     assert not np.array_equal(images.cached_images(plain, files), images.cached_images(cropped, files))
     assert images.cached_images(smaller, files).shape == (6, 32, 24, 3)
+
+
+def _png_claiming(path, width: int, height: int) -> None:
+    """A small valid-looking PNG whose header claims width x height pixels (a decompression bomb's header)."""
+    import struct
+    import zlib
+
+    import cv2
+
+    data = bytearray(cv2.imencode(".png", np.zeros((8, 8), np.uint8))[1].tobytes())
+    data[16:24] = struct.pack(">II", width, height)  # IHDR width, height
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))  # IHDR crc over type + fields
+    path.write_bytes(bytes(data))
+
+
+def test_an_image_claiming_too_many_pixels_is_refused_before_decoding(tmp_path, data_copy, files):
+    bomb = tmp_path / "bomb.png"
+    _png_claiming(bomb, 30000, 30000)
+    with pytest.raises(images.DataError, match=r"bomb.png: 30000x30000 pixels is more than data.max_image_pixels"):
+        images.read_image(bomb, max_pixels=16_777_216)
+    problems = images.verify_images([bomb, files[0]], max_pixels=16_777_216, workers=1)
+    assert len(problems) == 1 and "bomb.png" in problems[0]
+    # the cap is the config's: a real image above a small cap is refused too, naming the key
+    assert "data.max_image_pixels (1024)" in images.verify_images([files[0]], max_pixels=1024, workers=1)[0]
+
+
+def test_grey_and_rgba_images_decode_to_rgb(tmp_path):
+    import cv2
+
+    grey, rgba = tmp_path / "grey.png", tmp_path / "rgba.png"
+    cv2.imwrite(str(grey), np.full((10, 12), 200, np.uint8))
+    cv2.imwrite(str(rgba), np.full((10, 12, 4), 100, np.uint8))
+    for path in (grey, rgba):
+        image = images.read_image(path, max_pixels=10**6)
+        assert image.shape == (10, 12, 3) and image.dtype == np.uint8

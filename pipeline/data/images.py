@@ -12,25 +12,44 @@ from pathlib import Path
 import cv2
 import numpy as np
 from joblib import Parallel, delayed
+from PIL import Image
 from tqdm import tqdm
 
 from pipeline.errors import DataError
 from pipeline.io import atomic_write_bytes, stable_hash
 
 cv2.setNumThreads(1)  # parallelism comes from joblib; nested threads only thrash 2 cores
+Image.MAX_IMAGE_PIXELS = None  # read_image applies data.max_image_pixels itself, naming the file and the key
 
 
 
-def read_image(file) -> np.ndarray:
-    """RGB uint8; a missing, empty or undecodable file raises naming it."""
+def read_image(file, max_pixels: int) -> np.ndarray:
+    """RGB uint8; a missing, empty, oversized or undecodable file raises naming it.
+
+    The size is read from the header before decoding, so a small file that claims 30000x30000
+    pixels (a decompression bomb) is refused in milliseconds instead of allocating gigabytes.
+    OpenCV has no header-only read, and OPENCV_IO_MAX_IMAGE_PIXELS only works if set before cv2 is
+    first imported (albumentations imports it too), so Pillow (already here for matplotlib) reads it.
+    """
     file = str(file)
+    try:
+        with Image.open(file) as header:
+            width, height = header.size
+    except (OSError, ValueError):
+        width = height = 0  # not something Pillow knows: OpenCV decides below
+    if width * height > max_pixels:
+        raise DataError([f"{file}: {width}x{height} pixels is more than data.max_image_pixels ({max_pixels}); "
+                         f"refusing to decode it"])
     try:
         raw = np.fromfile(file, dtype=np.uint8)
     except OSError as error:
         raise DataError([f"{file}: cannot read ({error.strerror or error})"]) from error
     if raw.size == 0:
         raise DataError([f"{file}: empty file"])
-    image = cv2.imdecode(raw, cv2.IMREAD_COLOR)
+    try:
+        image = cv2.imdecode(raw, cv2.IMREAD_COLOR)  # grey, RGBA and 16-bit images become 8-bit BGR
+    except cv2.error as error:
+        raise DataError([f"{file}: OpenCV cannot decode it ({str(error).strip().splitlines()[-1]})"]) from error
     if image is None:
         raise DataError([f"{file}: corrupt or not a decodable image"])
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
@@ -44,12 +63,12 @@ def crop_and_resize(image: np.ndarray, crop, size) -> np.ndarray:
     return cv2.resize(box, tuple(size), interpolation=cv2.INTER_AREA)
 
 
-def _decode_chunk(files, crop, size):
+def _decode_chunk(files, crop, size, max_pixels: int):
     """Decode, crop and resize; with size None only decode, to find the files that fail."""
     out, problems = [], []
     for file in files:
         try:
-            image = read_image(file)
+            image = read_image(file, max_pixels)
         except DataError as error:
             problems.extend(error.problems)
             image = None
@@ -59,12 +78,13 @@ def _decode_chunk(files, crop, size):
     return out, problems
 
 
-def decode_images(files, crop, size, workers: int = 2, desc: str = "decode") -> tuple[np.ndarray, list[str]]:
+def decode_images(files, crop, size, max_pixels: int, workers: int = 2,
+                  desc: str = "decode") -> tuple[np.ndarray, list[str]]:
     """(N, H, W, 3) uint8 images and every problem found, decoded in parallel chunks."""
     files = list(files)
     chunks = [files[i:i + 64] for i in range(0, len(files), 64)]
     results = Parallel(n_jobs=max(1, workers), backend="loky" if workers > 1 else "sequential")(
-        delayed(_decode_chunk)(chunk, crop, size) for chunk in tqdm(chunks, desc=desc, unit="x64img", leave=False))
+        delayed(_decode_chunk)(chunk, crop, size, max_pixels) for chunk in tqdm(chunks, desc=desc, unit="x64img", leave=False))
     problems = [p for _, chunk_problems in results for p in chunk_problems]
     if size is None:
         return np.zeros((0, 0, 0, 3), np.uint8), problems
@@ -72,9 +92,9 @@ def decode_images(files, crop, size, workers: int = 2, desc: str = "decode") -> 
     return (np.stack(images) if images else np.zeros((0, size[1], size[0], 3), np.uint8)), problems
 
 
-def verify_images(files, workers: int = 2) -> list[str]:
-    """Decode every file only to name the missing, empty or corrupt ones (the check stage)."""
-    return decode_images(files, None, None, workers, desc="decode check")[1]
+def verify_images(files, max_pixels: int, workers: int = 2) -> list[str]:
+    """Decode every file only to name the missing, empty, oversized or corrupt ones (the check stage)."""
+    return decode_images(files, None, None, max_pixels, workers, desc="decode check")[1]
 
 
 def files_key(files) -> str:
@@ -103,7 +123,8 @@ def cached_images(cfg: dict, files, desc: str = "decode") -> np.ndarray:
     if path.exists():
         return np.load(path, mmap_mode="r")
     crop, size = cfg["data"]["crop"], cfg["data"]["image_size"]
-    images, problems = decode_images(files, crop, size, workers=cfg["data"]["num_workers"], desc=desc)
+    images, problems = decode_images(files, crop, size, cfg["data"]["max_image_pixels"],
+                                     workers=cfg["data"]["num_workers"], desc=desc)
     if problems:
         raise DataError(problems)
     buffer = io.BytesIO()

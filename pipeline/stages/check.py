@@ -25,7 +25,7 @@ def run(cfg: dict, force: bool = False) -> dict:
         problems.extend(error.problems)
         eval_table, eval_files = None, []
     existing = [f for f in info["image_files"] + eval_files if Path(f).is_file()]
-    problems.extend(verify_images(existing, cfg["data"]["num_workers"]))
+    problems.extend(verify_images(existing, cfg["data"]["max_image_pixels"], cfg["data"]["num_workers"]))
     if problems:
         raise DataError(problems)
 
