@@ -16,9 +16,13 @@ No torch here: oof and ensemble read only probability tables and start in a seco
 """
 from __future__ import annotations
 
+import contextlib
 import copy
+import fcntl
 import hashlib
 import json
+import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -73,6 +77,7 @@ class Artifact:
     remedy: str
     stamp_name: str = STAMP
     outputs: tuple[str, ...] = field(default_factory=tuple)
+    shared_folder: bool = False  # the artifact is files in a folder others share (folds/, output.dir)
 
     @property
     def key(self) -> str:
@@ -127,6 +132,40 @@ class Artifact:
                                      f"now {self.key}); refusing to resume it. Use another output.dir, "
                                      f"or --force to discard it")
 
+    @property
+    def lock_path(self) -> Path:
+        """Beside the folder, not in it (`--force` may delete the folder while the lock is held); inside a
+        shared folder (folds/, output.dir) for an artifact that is one file there."""
+        if self.shared_folder:
+            return self.folder / f".{self.stamp_name}.lock"
+        return self.folder.parent / f".{self.folder.name}.lock"
+
+    @contextlib.contextmanager
+    def lock(self):
+        """Hold the artifact for one process; a second is refused, naming the holder.
+
+        flock, by hand: the kernel drops it when its process dies, so a lock left by a killed run
+        never blocks the next one; the `filelock` package cannot say which process holds a lock.
+        """
+        self.lock_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.lock_path, "a+") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                handle.seek(0)
+                holder = handle.read().strip() or "another process"
+                raise ArtifactError(f"{self.what}: {self.folder} is in use by {holder}; wait for it to finish "
+                                    f"or stop it, then run again") from None
+            handle.seek(0)
+            handle.truncate()
+            handle.write(f"process {os.getpid()} ({' '.join(sys.argv)[:200]})\n")
+            handle.flush()
+            try:
+                yield self
+            finally:
+                handle.seek(0)
+                handle.truncate()
+
     def invalidate(self) -> None:
         """Call before rewriting any output: no stamp may vouch for files that are being replaced."""
         self.stamp_path.unlink(missing_ok=True)
@@ -138,6 +177,13 @@ class Artifact:
                  "outputs": digests, "identity": self.identity, "git_commit": git_commit()}
         atomic_write_json(self.stamp_path, stamp)
         return stamp
+
+
+def output_lock(cfg: dict, name: str):
+    """A lock on one stage output under output.dir (e.g. submission.csv + ensemble.json), for stages that
+    always recompute: two runs must not interleave their files."""
+    return Artifact(what=f"{name} outputs", folder=output_dir(cfg), identity={}, remedy="",
+                    stamp_name=name, shared_folder=True).lock()
 
 
 # ---------------------------------------------------------------- (backbone, fold) jobs

@@ -11,7 +11,7 @@ import torch
 
 from pipeline.config import load_config
 from pipeline.data.dataset import load_train_data
-from pipeline.errors import ConfigError, StaleArtifactError
+from pipeline.errors import ArtifactError, ConfigError, StaleArtifactError
 from pipeline.io import PROJECT_ROOT, load_npz
 from pipeline.stages import folds, train
 from pipeline.train.augment import eval_transform, train_transform
@@ -92,6 +92,27 @@ def test_a_finished_job_that_lost_its_checkpoint_is_trained_again(tmp_path, tiny
     (job_folder(tmp_path) / "best.pt").unlink()
     assert train.run(cfg)[0]["epochs_run"] == 1
     assert "best.pt missing" in capsys.readouterr().out and (job_folder(tmp_path) / "best.pt").exists()
+
+
+def test_two_runs_on_one_job_folder_are_refused_and_a_killed_holder_never_blocks(tmp_path, tiny_data):
+    cfg = make_config(tmp_path, tiny_data, *FAST, "train.epochs=1", "train.max_batches=1")
+    folds.run(cfg)
+    lock = job_folder(tmp_path).parent / ".fold0.lock"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    holder = subprocess.Popen([sys.executable, "-c", f"""
+import fcntl, sys, time
+handle = open({str(lock)!r}, "a+")
+fcntl.flock(handle, fcntl.LOCK_EX)
+handle.write("process 4242 (python -m pipeline.stages.train lr 0.02)"); handle.flush()
+print("held", flush=True); time.sleep(60)
+"""], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    with pytest.raises(ArtifactError, match=r"fold0 is in use by process 4242 \(python -m pipeline.stages.train"):
+        train.run(cfg)
+    holder.kill()  # SIGKILL: the kernel drops its lock; the file it leaves blocks nothing
+    holder.wait()
+    assert lock.exists()
+    assert train.run(cfg)[0]["epochs_run"] == 1
 
 
 def test_checkpoints_load_with_weights_only(tmp_path, tiny_data):

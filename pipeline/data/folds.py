@@ -42,7 +42,7 @@ def folds_artifact(cfg: dict, table: pd.DataFrame) -> Artifact:
                     identity={"people": people_fingerprint(people), "k": cfg["folds"]["k"],
                               "seed": cfg["folds"]["seed"], "old_age": cfg["data"]["old_age"]},
                     remedy="./run.sh folds -c CONFIG --force (replaces the file every run of this data shares)",
-                    outputs=(path.name,))
+                    outputs=(path.name,), shared_folder=True)
 
 
 def assign_folds(table: pd.DataFrame, k: int, seed: int, old_age: int) -> pd.DataFrame:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from pipeline import labels
-from pipeline.artifacts import EVAL_PROBS, VAL_PROBS_TTA, output_dir
+from pipeline.artifacts import EVAL_PROBS, VAL_PROBS_TTA, output_dir, output_lock
 from pipeline.data.images import files_key
 from pipeline.data.layout import data_fingerprint, load_eval, load_train
 from pipeline.evaluate.ensemble import backbone_weights, combine, submission_frame
@@ -42,13 +42,14 @@ def run(cfg: dict, force: bool = False) -> dict:
               "oof_tta": score_probs(combine(oof_tta, weights, e["combine"]), label)}
     submission = submission_frame(info[["ImageID", "ans"]], combine(evals, weights, e["combine"])["joint"])
     out = output_dir(cfg)
-    atomic_write_text(out / "submission.csv", submission.to_csv(index=False, lineterminator="\n"))
     report = {"members": members, "weights": dict(zip(backbones, map(float, weights))), "combine": e["combine"],
               "weights_mode": e["weights"], "use_tta": e["use_tta"], "tta": cfg["infer"]["tta"],
               "ensemble": scores, "submission": str(out / "submission.csv"),
               "predicted_class_counts": np.bincount(submission["ans"], minlength=labels.NUM_CLASSES).tolist(),
               **provenance(cfg, cfg["train"]["seed"], fingerprint)}
-    atomic_write_json(out / "ensemble.json", report)
+    with output_lock(cfg, "ensemble"):  # submission.csv and ensemble.json from one run, never two
+        atomic_write_text(out / "submission.csv", submission.to_csv(index=False, lineterminator="\n"))
+        atomic_write_json(out / "ensemble.json", report)
     for b, m in members.items():
         print(f"[ensemble] {b:<32} weight {m['weight']:.2f}  OOF F1 {m['oof']['f1']:.4f}  "
               f"with TTA {m['oof_tta']['f1']:.4f}")

@@ -9,8 +9,14 @@ from pipeline.stages import stage_main
 
 def run(cfg: dict, force: bool = False) -> dict:
     table, _ = load_train(cfg)
+    artifact = folds_artifact(cfg, table)
+    with artifact.lock():
+        return _make(cfg, table, artifact, force)
+
+
+def _make(cfg: dict, table, artifact, force: bool) -> dict:
     path = folds_path(cfg)
-    status, message = folds_artifact(cfg, table).state()
+    status, message = artifact.state()
     if status == "fresh" and not force:
         print(f"[folds] {message}; reusing it")
         return {"path": str(path)}

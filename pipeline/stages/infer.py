@@ -26,15 +26,16 @@ def run(cfg: dict, force: bool = False) -> list:
     for (backbone, fold), job in jobs.items():
         out = infer_artifact(cfg, backbone, fold, job.read_stamp()["token"], eval_key)
         outputs.append(out.folder)
-        if out.is_fresh() and not force:
-            print(f"[infer] {out.state()[1]}; skipping (--force to redo)")
-            continue
-        out.invalidate()
-        model = load_best_model(cfg, job, backbone).to(device)
-        predict_fold(cfg, model, data, fold, eval_table, eval_images, device, out)
-        write_provenance(out.folder, cfg, cfg["train"]["seed"], {"train_job": job.key, "tta": cfg["infer"]["tta"],
-                                                                 "data_fingerprint": data.fingerprint})
-        out.seal(backbone=backbone, fold=fold)
+        with out.lock():
+            if out.is_fresh() and not force:
+                print(f"[infer] {out.state()[1]}; skipping (--force to redo)")
+                continue
+            out.invalidate()
+            model = load_best_model(cfg, job, backbone).to(device)
+            predict_fold(cfg, model, data, fold, eval_table, eval_images, device, out)
+            write_provenance(out.folder, cfg, cfg["train"]["seed"], {"train_job": job.key, "data_fingerprint":
+                                                                     data.fingerprint, "tta": cfg["infer"]["tta"]})
+            out.seal(backbone=backbone, fold=fold)
         print(f"[infer] {backbone} fold {fold}: {len(eval_table)} eval images and its validation images, "
               f"TTA {cfg['infer']['tta']}")
     return outputs

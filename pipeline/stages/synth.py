@@ -7,6 +7,11 @@ from pipeline.stages import stage_main
 
 def run(cfg: dict, force: bool = False) -> dict:
     artifact = synth.synth_artifact(cfg)
+    with artifact.lock():
+        return _make(cfg, artifact, force)
+
+
+def _make(cfg: dict, artifact, force: bool) -> dict:
     status, message = artifact.state()
     if status == "fresh" and not force:
         print(f"[synth] {message}; skipped (--force to redo)")

@@ -189,11 +189,17 @@ def train_job(cfg: dict, backbone: str, fold: int, data: TrainData | None = None
     """
     data = data or load_train_data(cfg)
     artifact = train_artifact(cfg, backbone, fold, data.fingerprint)
-    done = _start(artifact, force)
-    if done is not None:
-        print(f"[train] {backbone} fold {fold}: done (best F1 {done['best_f1']:.4f} at epoch {done['best_epoch']}); "
-              f"skipping (--force to retrain)")
-        return done
+    with artifact.lock():  # two runs on one job folder would mix their files
+        done = _start(artifact, force)
+        if done is not None:
+            print(f"[train] {backbone} fold {fold}: done (best F1 {done['best_f1']:.4f} at epoch "
+                  f"{done['best_epoch']}); skipping (--force to retrain)")
+            return done
+        return _train(cfg, artifact, backbone, fold, data, epoch_callback)
+
+
+def _train(cfg: dict, artifact: Artifact, backbone: str, fold: int, data: TrainData, epoch_callback) -> dict:
+    """Build the job, resume it if last.pt is there, and run epochs until it stops; seal the stamp last."""
     job = build_job(cfg, backbone, fold, data)
     saved = checkpoint.resume(artifact, job.model, job.optimizer, job.scheduler)
     state = LoopState(**saved) if saved else LoopState()
