@@ -40,3 +40,30 @@ def test_joint_from_heads_and_back_are_inverse():
     back = labels.heads_from_joint(joint)
     for h in heads:
         assert np.allclose(back[h], heads[h])
+
+
+def test_the_layout_functions_take_torch_tensors_too():
+    import torch
+
+    rng = np.random.default_rng(1)
+    heads = {h: rng.dirichlet(np.ones(n), size=4) for h, n in labels.HEADS.items()}
+    joint = labels.joint_from_heads(heads["mask"], heads["gender"], heads["age"])
+    as_torch = labels.joint_from_heads(*(torch.tensor(heads[h]) for h in labels.HEADS))
+    assert isinstance(as_torch, torch.Tensor) and np.allclose(as_torch.numpy(), joint)
+    back = labels.heads_from_joint(torch.tensor(joint))
+    assert all(np.allclose(back[h].numpy(), heads[h]) for h in labels.HEADS)
+
+
+def test_multihead_logits_split_in_head_order_and_give_the_product_as_joint():
+    import torch
+
+    logits = torch.randn(5, labels.num_outputs("multihead"))
+    parts = labels.split_logits(logits, "multihead")
+    assert [parts[h].shape[1] for h in parts] == list(labels.HEADS.values()) == [3, 2, 3]
+    assert torch.equal(torch.cat(list(parts.values()), 1), logits)
+    probs = labels.probabilities(logits, "multihead")
+    assert set(probs) == set(labels.TABLE_KEYS)
+    expected = labels.joint_from_heads(probs["mask"], probs["gender"], probs["age"])
+    assert torch.allclose(probs["joint"], expected) and torch.allclose(probs["joint"].sum(1), torch.ones(5))
+    single = labels.probabilities(torch.randn(5, labels.NUM_CLASSES), "single")
+    assert torch.allclose(single["mask"], single["joint"].reshape(5, 3, 2, 3).sum((2, 3)))
