@@ -203,6 +203,7 @@ class TrainSection(_Section):
     device: _one_of("auto", "cpu", "cuda")
     amp: Bool
     channels_last: Bool
+    cudnn_benchmark: Bool
     threads: CountOrZero
     max_batches: CountOrZero
 
@@ -217,9 +218,13 @@ class TrainSection(_Section):
 class AugmentSection(_Section):
     mean: _three(_float(), "3 numbers (one per RGB channel)")
     std: _three(_float(gt=0), "3 numbers > 0 (one per RGB channel)")
+    engine: _one_of("auto", "albumentations", "kornia")
     train: _described(list[Annotated[dict[str, Any], AfterValidator(_names_a_transform)]] | None,
                       "null or a list of albumentations transforms, each a mapping with a string 'name' "
                       "(e.g. {name: HorizontalFlip, p: 0.5})")
+    gpu: _described(list[Annotated[dict[str, Any], AfterValidator(_names_a_transform)]] | None,
+                    "null or a list of kornia.augmentation transforms, each a mapping with a string 'name' "
+                    "(e.g. {name: RandomHorizontalFlip, p: 0.5})")
 
 
 class InferSection(_Section):

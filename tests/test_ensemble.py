@@ -7,10 +7,11 @@ import pytest
 import torch
 
 from pipeline import labels
+from pipeline.config import load_config
 from pipeline.evaluate import ensemble
 from pipeline.stages import ensemble as ensemble_stage
 from pipeline.train.model import MaskNet
-from pipeline.train.predict import predict, tta_views
+from pipeline.train.predict import eval_normalize, predict, tta_views
 
 
 def member(seed, n=200):
@@ -90,25 +91,19 @@ def test_simplex_grid_covers_weights_that_sum_to_one():
     assert all(np.isclose(w.sum(), 1) for w in grid)
 
 
-class Images(torch.utils.data.Dataset):
-    def __init__(self, *images):
-        self.images = images
-
-    def __len__(self):
-        return len(self.images)
-
-    def __getitem__(self, i):
-        return self.images[i], {}
+def _predict(model, images: np.ndarray, tta) -> dict:
+    """predict over uint8 HWC images from a host store, on CPU, one forward per batch of 2."""
+    cfg = load_config("configs/demo.yaml")
+    return predict(model, images, np.arange(len(images)), eval_normalize(cfg, torch.device("cpu")), 2, tta=tta)
 
 
 def test_hflip_tta_averages_the_image_and_its_mirror():
     torch.manual_seed(0)
     model = MaskNet("resnet10t", "multihead").eval()
-    image = torch.rand(3, 40, 16)
-    mirror = torch.flip(image, dims=[2])
-    device = torch.device("cpu")
-    with_tta = predict(model, Images(image), device, 1, tta=("none", "hflip"))
-    plain = predict(model, Images(image, mirror), device, 2, tta=("none",))
+    image = np.random.default_rng(0).integers(0, 256, (40, 16, 3), dtype=np.uint8)
+    mirror = image[:, ::-1]
+    with_tta = _predict(model, np.stack([image]), ("none", "hflip"))
+    plain = _predict(model, np.stack([image, mirror]), ("none",))
     for key in with_tta:
         np.testing.assert_allclose(with_tta[key][0], plain[key].mean(0), rtol=1e-5, atol=1e-6)
     assert not np.allclose(plain["joint"][0], plain["joint"][1], atol=1e-4)  # the mirror is another view
@@ -117,21 +112,28 @@ def test_hflip_tta_averages_the_image_and_its_mirror():
 def test_flip_tta_on_a_symmetric_input_changes_nothing():
     torch.manual_seed(0)
     model = MaskNet("resnet10t", "multihead").eval()
-    half = torch.rand(3, 40, 16)
-    image = torch.cat([half, torch.flip(half, dims=[2])], dim=2)  # (C, H, W), mirror-symmetric in W
-
-    class Symmetric(torch.utils.data.Dataset):
-        def __len__(self):
-            return 2
-
-        def __getitem__(self, i):
-            return image, {}
-
-    device = torch.device("cpu")
-    plain = predict(model, Symmetric(), device, 2, tta=("none",))
-    flipped = predict(model, Symmetric(), device, 2, tta=("none", "hflip"))
+    half = np.random.default_rng(1).integers(0, 256, (40, 8, 3), dtype=np.uint8)
+    image = np.concatenate([half, half[:, ::-1]], axis=1)  # (H, W, C), mirror-symmetric in W
+    plain = _predict(model, np.stack([image, image]), ("none",))
+    flipped = _predict(model, np.stack([image, image]), ("none", "hflip"))
     for key in plain:
         np.testing.assert_allclose(plain[key], flipped[key], rtol=1e-5, atol=1e-6)
+
+
+def test_tta_views_in_one_forward_equal_one_forward_per_view():
+    """Views sharing a shape go through the model as one batch; a scale view goes alone. Same numbers."""
+    torch.manual_seed(0)
+    model = MaskNet("resnet10t", "multihead").eval()
+    images = np.random.default_rng(2).integers(0, 256, (3, 40, 32, 3), dtype=np.uint8)
+    tta = ("none", "hflip", "scale:1.25")
+    together = _predict(model, images, tta)
+    normalize = eval_normalize(load_config("configs/demo.yaml"), torch.device("cpu"))
+    with torch.no_grad():
+        views = tta_views(normalize(torch.from_numpy(images)), tta)
+        one_by_one = [labels.probabilities(model(view), "multihead") for view in views]
+    for key in together:
+        expected = sum(view[key] for view in one_by_one) / len(views)
+        np.testing.assert_allclose(together[key], expected.numpy(), rtol=1e-4, atol=1e-5)
 
 
 def test_scale_tta_views_keep_the_batch():

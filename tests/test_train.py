@@ -14,8 +14,8 @@ from pipeline.data.dataset import load_train_data
 from pipeline.errors import ArtifactError, ConfigError, StaleArtifactError
 from pipeline.io import PROJECT_ROOT, load_npz
 from pipeline.stages import folds, train
-from pipeline.train.augment import eval_transform, train_transform
-from pipeline.train.batches import EpochSampler, ImageDataset, same_label_cutmix
+from pipeline.train.augment import Normalize, gpu_augmenter, train_transform
+from pipeline.train.batches import DeviceBatches, EpochSampler, ImageDataset, same_label_cutmix
 from pipeline.train.model import MaskNet
 from tests.conftest import make_config
 
@@ -30,8 +30,8 @@ def cli(tmp, data, *overrides):
             "data.num_workers=1", *FAST, *overrides]
 
 
-def run_job(tmp, data):
-    cfg = make_config(tmp, data, *FAST)
+def run_job(tmp, data, *overrides):
+    cfg = make_config(tmp, data, *FAST, *overrides)
     folds.run(cfg)
     return train.run(cfg)[0]
 
@@ -40,14 +40,18 @@ def job_folder(tmp):
     return tmp / "run" / "train" / "mobilenetv3_small_050" / "fold0"
 
 
-def test_a_killed_job_resumes_to_the_same_result(tmp_path, tiny_data):
-    reference = run_job(tmp_path / "a", tiny_data)
+TIMINGS = {"images_per_s", "data_wait"}
+
+
+@pytest.mark.parametrize("engine", ["albumentations", "kornia"])
+def test_a_killed_job_resumes_to_the_same_result(tmp_path, tiny_data, engine):
+    reference = run_job(tmp_path / "a", tiny_data, f"augment.engine={engine}")
 
     killed = tmp_path / "b"
-    folds.run(make_config(killed, tiny_data, *FAST))
+    folds.run(make_config(killed, tiny_data, *FAST, f"augment.engine={engine}"))
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    process = subprocess.Popen(cli(killed, tiny_data), cwd=PROJECT_ROOT, env=env, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(cli(killed, tiny_data, f"augment.engine={engine}"), cwd=PROJECT_ROOT, env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     last = job_folder(killed) / "last.pt"
     deadline = time.time() + 120
     while not last.exists() and process.poll() is None and time.time() < deadline:
@@ -56,11 +60,11 @@ def test_a_killed_job_resumes_to_the_same_result(tmp_path, tiny_data):
     process.wait()
     assert not (job_folder(killed) / "done.json").exists(), "job finished before it could be killed"
 
-    resumed = train.run(make_config(killed, tiny_data, *FAST))[0]
+    resumed = train.run(make_config(killed, tiny_data, *FAST, f"augment.engine={engine}"))[0]
     assert resumed["best_epoch"] == reference["best_epoch"]
     assert resumed["best_f1"] == reference["best_f1"]
     for a, b in zip(resumed["history"], reference["history"]):
-        assert {k: v for k, v in a.items() if k != "images_per_s"} == {k: v for k, v in b.items() if k != "images_per_s"}
+        assert {k: v for k, v in a.items() if k not in TIMINGS} == {k: v for k, v in b.items() if k not in TIMINGS}
     np.testing.assert_array_equal(load_npz(job_folder(killed) / "val_probs.npz")["probs_joint"],
                                   load_npz(job_folder(tmp_path / "a") / "val_probs.npz")["probs_joint"])
 
@@ -141,6 +145,56 @@ def test_a_missing_pretrained_file_is_named(tmp_path):
         MaskNet("resnet10t", pretrained_file=tmp_path / "nothere.pth")
 
 
+def test_pretrained_without_a_hub_fails_in_seconds_naming_pretrained_files(tmp_path, tiny_data, monkeypatch):
+    """No network here: the train stage must refuse at once, not after huggingface_hub's ~45 s of retries."""
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # an empty local cache
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
+    cfg = make_config(tmp_path, tiny_data, *FAST, "model.pretrained=true")
+    started = time.time()
+    with pytest.raises(ConfigError, match=r"model.pretrained_files: \{mobilenetv3_small_050: "):
+        train.run(cfg)
+    assert time.time() - started < 15
+
+
+def test_pretrained_weights_in_the_local_hub_cache_are_used_offline(tmp_path, monkeypatch):
+    import huggingface_hub
+    import timm
+
+    from pipeline.train.model import cached_weights
+
+    source = timm.create_model("resnet10t", pretrained=False, num_classes=0)
+    torch.save(source.state_dict(), tmp_path / "cached.pth")
+    monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", lambda repo, name: str(tmp_path / "cached.pth"))
+    assert cached_weights("resnet10t") == str(tmp_path / "cached.pth")
+    model = MaskNet("resnet10t", pretrained=True)
+    assert torch.equal(model.backbone.conv1[0].weight, source.conv1[0].weight)
+
+
+@pytest.mark.parametrize("config", ["configs/base.yaml", "configs/demo.yaml"])
+def test_every_shipped_backbone_builds_and_runs_at_its_configured_size(config):
+    from pipeline.train.model import build_model, check_backbones
+
+    cfg = load_config(config, ["model.pretrained=false"])
+    check_backbones(cfg)
+    width, height = cfg["data"]["image_size"]
+    for backbone in cfg["model"]["backbones"]:
+        model = build_model(cfg, backbone).eval()
+        with torch.no_grad():
+            assert model(torch.zeros(1, 3, height, width)).shape == (1, 8), backbone
+
+
+def test_a_backbone_that_cannot_take_the_configured_size_is_refused_naming_it(monkeypatch):
+    from pipeline.train import model as model_module
+
+    monkeypatch.setattr(model_module, "size_kwargs", lambda backbone, size: {})  # as before: built for 224x224
+    cfg = load_config("configs/base.yaml", ["model.pretrained=false"])
+    with pytest.raises(ConfigError, match=r"swin_tiny_patch4_window7_224 cannot take data.image_size 288x384 .*"
+                                          r"it accepts its native size 224x224"):
+        model_module.check_backbones(cfg)
+
+
 @pytest.mark.parametrize("name", ["ce", "focal", "smooth", "f1"])
 def test_every_loss_prefers_the_right_answer(name):
     from pipeline.train.losses import class_weights, loss_fn
@@ -176,20 +230,13 @@ def test_a_misspelt_augmentation_argument_is_an_error():
         train_transform(cfg)
 
 
-def test_validation_never_sees_training_augmentation():
-    cfg = load_config("configs/demo.yaml")
-    image = np.random.default_rng(0).integers(0, 255, (40, 32, 3), dtype=np.uint8)
-    transform = eval_transform(cfg)
-    assert [type(t).__name__ for t in transform.transforms] == ["Normalize", "ToTensorV2"]
-    assert torch.equal(transform(image=image)["image"], transform(image=image)["image"])
-
-
 def _noise_batches(workers: int, seed: int = 1000) -> list[torch.Tensor]:
     cfg = load_config("configs/demo.yaml", ["augment.train=[{name: GaussNoise, std_range: [0.2, 0.3], p: 1.0}]"])
     images = np.zeros((8, 16, 16, 3), np.uint8)  # identical inputs: any difference is the augmentation
     dataset = ImageDataset(images, train_transform(cfg))
-    dataset.epoch_seed = seed
-    loader = torch.utils.data.DataLoader(dataset, batch_size=4, num_workers=workers, sampler=EpochSampler(8, seed))
+    sampler = EpochSampler(8)
+    sampler.set_epoch(seed)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=4, num_workers=workers, sampler=sampler)
     return [batch for batch, _ in loader]
 
 
@@ -205,11 +252,92 @@ def test_augmentation_does_not_depend_on_the_number_of_workers():
 def test_image_dataset_reads_targets_of_its_rows():
     images = np.arange(6, dtype=np.uint8)[:, None, None, None].repeat(4, 1).repeat(4, 2).repeat(3, 3)
     targets = {"joint": np.array([10, 11, 12, 13, 14, 15])}
-    dataset = ImageDataset(images, lambda image: {"image": image}, rows=[4, 1], targets=targets)
-    assert [dataset[i][1]["joint"] for i in range(2)] == [14, 11]
-    assert [int(dataset[i][0][0, 0, 0]) for i in range(2)] == [4, 1]
+    dataset = ImageDataset(images, train_transform(load_config("configs/demo.yaml", ["augment.train=null"])),
+                           rows=[4, 1], targets=targets)
+    assert [dataset[(0, draw, i)][1]["joint"] for draw, i in enumerate(range(2))] == [14, 11]
+    assert [int(dataset[(0, 0, i)][0][0, 0, 0]) for i in range(2)] == [4, 1]
+    assert dataset[(0, 0, 0)][0].dtype == torch.uint8  # workers ship uint8; normalisation happens on the device
     with pytest.raises(ValueError, match="6 images"):
         ImageDataset(images, None, rows=[4, 1], targets={"joint": np.array([14, 11])})
+
+
+GPU_ALL_ON = ("augment.gpu=[{name: RandomHorizontalFlip, p: 1.0}, {name: RandomAffine, degrees: 10, "
+              "translate: [0.05, 0.05], scale: [0.9, 1.1], p: 1.0}, {name: ColorJitter, brightness: 0.2, "
+              "contrast: 0.2, saturation: 0.2, hue: 0.02, p: 1.0}, {name: RandomGaussianNoise, std: 0.04, p: 1.0}]")
+
+
+def test_the_gpu_augmenter_draws_each_samples_own_parameters():
+    """Run on CPU tensors: identical inputs come out different, and every affine parameter differs per sample."""
+    cfg = load_config("configs/base.yaml", [GPU_ALL_ON])
+    augmenter = gpu_augmenter(cfg)
+    images = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (1, 32, 24, 3), dtype=np.uint8)).repeat(8, 1, 1, 1)
+    torch.manual_seed(0)
+    out = Normalize(cfg, torch.device("cpu"), augmenter)(images)
+    assert all(not torch.allclose(out[i], out[j]) for i in range(8) for j in range(i))
+    affine = next(step for step in augmenter.children() if type(step).__name__ == "RandomAffine")
+    for name in ("angle", "translations", "scale"):
+        values = affine._params[name].reshape(8, -1)
+        assert len({tuple(row.tolist()) for row in values}) == 8, name
+    torch.manual_seed(0)
+    assert torch.equal(Normalize(cfg, torch.device("cpu"), augmenter)(images), out)  # seeded: reproducible
+
+
+@pytest.mark.parametrize("engine", ["albumentations", "kornia"])
+def test_with_every_probability_at_zero_training_input_equals_evaluation_input(engine):
+    from pipeline.train.predict import eval_normalize
+
+    off = ["augment.train=[{name: HorizontalFlip, p: 0.0}, {name: Affine, rotate: [-10, 10], p: 0.0}, "
+           "{name: GaussNoise, std_range: [0.02, 0.06], p: 0.0}]", GPU_ALL_ON.replace("p: 1.0", "p: 0.0")]
+    cfg = load_config("configs/base.yaml", off)
+    images = np.random.default_rng(1).integers(0, 256, (6, 32, 24, 3), dtype=np.uint8)
+    cpu = torch.device("cpu")
+    expected = eval_normalize(cfg, cpu)(torch.from_numpy(images))
+    if engine == "kornia":
+        trained = Normalize(cfg, cpu, gpu_augmenter(cfg))(torch.from_numpy(images))
+    else:
+        dataset = ImageDataset(images, train_transform(cfg))
+        trained = Normalize(cfg, cpu)(torch.stack([dataset[(0, i, i)][0] for i in range(6)]))
+    assert torch.equal(trained, expected)
+    # the albumentations engine's own Normalize agrees with the device normalisation
+    import albumentations as A
+
+    reference = A.Normalize(mean=cfg["augment"]["mean"], std=cfg["augment"]["std"])(image=images[0])["image"]
+    np.testing.assert_allclose(expected[0].permute(1, 2, 0).numpy(), reference, rtol=1e-5, atol=1e-5)
+
+
+def test_device_batches_draw_the_same_order_and_targets_as_the_loader():
+    images = np.arange(10, dtype=np.uint8)[:, None, None, None].repeat(4, 1).repeat(4, 2).repeat(3, 3)
+    targets = {"joint": np.arange(10) + 100}
+    rows = np.array([9, 7, 5, 3, 1, 0])
+    weights = torch.tensor([1.0, 2, 3, 4, 5, 6], dtype=torch.double)
+    device = DeviceBatches(images, rows, targets, 4, torch.device("cpu"), weights)
+    from pipeline.train.batches import LoaderBatches
+
+    loader = LoaderBatches(ImageDataset(images, train_transform(load_config("configs/demo.yaml", ["augment.train=null"])),
+                                        rows, targets), 4, 0, torch.device("cpu"), weights)
+    assert len(device) == len(loader) == 1  # 6 images, batches of 4: the partial batch is dropped
+    for (a, ta), (b, tb) in zip(device.epoch(7), loader.epoch(7)):
+        assert torch.equal(a, b) and torch.equal(ta["joint"], tb["joint"])
+        assert torch.equal(ta["joint"] - 100, a[:, 0, 0, 0].long())  # each image with its own row's target
+
+
+def test_the_kornia_engine_trains_as_well_as_the_albumentations_engine(tmp_path):
+    """Same augmentation (a horizontal flip) drawn by either engine; 40 people, so the scores mean something."""
+    from pipeline.stages import synth
+
+    data = tmp_path / "data"
+    synth.run(make_config(tmp_path, data, "synth.people=40", "synth.eval_people=3", "synth.image_size=[96,128]"))
+    scores = {}
+    for engine in ("albumentations", "kornia"):
+        cfg = make_config(tmp_path / engine, data, *FAST, "data.image_size=[48,64]", "model.backbones=[resnet10t]",
+                          "train.optimizer=adamw", "train.lr=0.003", "train.weight_decay=0.01", "train.epochs=12",
+                          "train.patience=12", f"augment.engine={engine}", "augment.gpu=[{name: RandomHorizontalFlip, p: 0.5}]")
+        folds.run(cfg)
+        summary = train.run(cfg)[0]
+        scores[engine] = (summary["best_f1"], max(epoch["val_f1_mask"] for epoch in summary["history"]))
+    (albumentations_f1, albumentations_mask), (kornia_f1, kornia_mask) = scores["albumentations"], scores["kornia"]
+    assert kornia_mask > 0.45 and albumentations_mask > 0.45, scores  # mask chance level: 1/3
+    assert kornia_f1 >= albumentations_f1 - 0.08 and kornia_mask >= albumentations_mask - 0.12, scores
 
 
 def test_a_training_job_never_validates_on_a_person_it_trained_on(tmp_path, tiny_data):

@@ -1,7 +1,7 @@
 """Everything the (backbone, fold) jobs of one run share: image rows, folds, decoded pixels, targets."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
@@ -19,6 +19,13 @@ class TrainData:
     images: np.ndarray        # (N, H, W, 3) uint8, row-aligned with table; may be a memory map
     train_targets: dict       # per head and joint, with the training age cut (data.train_old_age)
     fingerprint: str
+    _stores: dict = field(default_factory=dict, repr=False)
+
+    def store(self, device):
+        """The images where batches are cut from on `device`, made once per process (see resident)."""
+        if str(device) not in self._stores:
+            self._stores[str(device)] = resident(self.images, device)
+        return self._stores[str(device)]
 
     def split(self, fold: int) -> tuple[np.ndarray, np.ndarray]:
         """(training rows, validation rows) of one job: the validation fold's people never train it."""
@@ -35,3 +42,15 @@ def load_train_data(cfg: dict) -> TrainData:
     band = labels.age_band(table["age"].to_numpy(), cfg["data"]["train_old_age"])
     targets = labels.targets(table["mask"].to_numpy(), table["gender"].to_numpy(), band)
     return TrainData(table, fold, images, targets, data_fingerprint(table))
+
+
+def resident(images: np.ndarray, device):
+    """Where batches are cut from: the whole uint8 cache on the GPU when it fits in half the free memory
+    (6.3 GB for the full data at 384x288), else the host array (on CPU a memory map, read per batch)."""
+    import torch
+
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        if images.nbytes < free / 2:
+            return torch.from_numpy(np.ascontiguousarray(images)).to(device)
+    return images

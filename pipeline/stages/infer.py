@@ -4,7 +4,7 @@ val_probs_tta.npz; a folder made from the current checkpoint, TTA and eval image
 from __future__ import annotations
 
 from pipeline.artifacts import infer_artifact, job_list, require_all, train_artifact
-from pipeline.data.dataset import load_train_data
+from pipeline.data.dataset import load_train_data, resident
 from pipeline.data.images import cached_images, files_key
 from pipeline.data.layout import load_eval
 from pipeline.io import write_provenance
@@ -22,6 +22,7 @@ def run(cfg: dict, force: bool = False) -> list:
     require_all(list(jobs.values()), "fold checkpoints not usable, run the train stage first")
     eval_images = cached_images(cfg, eval_table["file"], desc="decode eval")
     device = resolve_device(cfg["train"]["device"])
+    stores = {"train": data.store(device), "eval": resident(eval_images, device)}  # on the GPU once, for every fold
     outputs = []
     for (backbone, fold), job in jobs.items():
         out = infer_artifact(cfg, backbone, fold, job.read_stamp()["token"], eval_key)
@@ -31,8 +32,8 @@ def run(cfg: dict, force: bool = False) -> list:
                 print(f"[infer] {out.state()[1]}; skipping (--force to redo)")
                 continue
             out.invalidate()
-            model = load_best_model(cfg, job, backbone).to(device)
-            predict_fold(cfg, model, data, fold, eval_table, eval_images, device, out)
+            model = load_best_model(cfg, job, backbone, device)
+            predict_fold(cfg, model, data, fold, eval_table, stores, device, out)
             write_provenance(out.folder, cfg, cfg["train"]["seed"], {"train_job": job.key, "data_fingerprint":
                                                                      data.fingerprint, "tta": cfg["infer"]["tta"]})
             out.seal(backbone=backbone, fold=fold)

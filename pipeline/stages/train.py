@@ -4,14 +4,14 @@ from __future__ import annotations
 from pipeline.artifacts import job_list
 from pipeline.data.dataset import load_train_data
 from pipeline.stages import stage_main
-from pipeline.train.augment import train_transform
+from pipeline.train.augment import check_augment
 from pipeline.train.loop import train_job
 from pipeline.train.model import check_backbones
 
 
 def run(cfg: dict, force: bool = False) -> list[dict]:
     check_backbones(cfg)  # a misspelt second backbone fails now, not hours into the run
-    train_transform(cfg)
+    check_augment(cfg)
     data = load_train_data(cfg)
     jobs = job_list(cfg)
     summaries = []

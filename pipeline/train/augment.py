@@ -1,22 +1,43 @@
-"""Albumentations pipelines from config. Training augmentation never reaches validation or inference."""
+"""Augmentation and normalisation from config. Training augmentation never reaches validation or inference.
+
+Two engines draw the training augmentation (`augment.engine`):
+  albumentations  per image on CPU, in DataLoader workers, from `augment.train` (the CPU default);
+  kornia          per sample on the batch, on the GPU, from `augment.gpu` (the CUDA default). Kornia draws
+                  each sample's own parameters (same_on_batch=False), which torchvision.transforms.v2
+                  does not do on a batch.
+Both hand uint8 pixels to `Normalize`, the one place where pixels become the model's float input, so
+with every probability at 0 both engines give exactly the evaluation input.
+"""
 from __future__ import annotations
 
 import difflib
 
 import albumentations as A
-from albumentations.pytorch import ToTensorV2
+import torch
 
 from pipeline.errors import ConfigError
 
+ENGINES = ("albumentations", "kornia")
 
-def _transform(spec: dict):
+
+def engine(cfg: dict, device: torch.device) -> str:
+    """The configured engine; `auto` is kornia on CUDA and albumentations elsewhere."""
+    name = cfg["augment"]["engine"]
+    return ("kornia" if device.type == "cuda" else "albumentations") if name == "auto" else name
+
+
+def _unknown(kind: str, key: str, name, valid: list[str]) -> ConfigError:
+    close = difflib.get_close_matches(str(name), valid, n=1)
+    hint = f"; did you mean '{close[0]}'?" if close else ""
+    return ConfigError(f"{key}: unknown {kind} transform {name!r}{hint}")
+
+
+def _albumentation(spec: dict):
     spec = dict(spec)
     name = spec.pop("name", None)
     if not name or not isinstance(getattr(A, name, None), type):
         valid = [n for n in dir(A) if isinstance(getattr(A, n), type) and issubclass(getattr(A, n), A.BasicTransform)]
-        close = difflib.get_close_matches(str(name), valid, n=1)
-        hint = f"; did you mean '{close[0]}'?" if close else ""
-        raise ConfigError(f"augment.train: unknown albumentations transform {name!r}{hint}")
+        raise _unknown("albumentations", "augment.train", name, valid)
     try:
         # strict: a misspelt or renamed (albumentations 1.x) argument is an error, not a silent default
         return getattr(A, name)(**spec, strict=True)
@@ -24,14 +45,64 @@ def _transform(spec: dict):
         raise ConfigError(f"augment.train: {name}({spec}): {error}") from error
 
 
-def _finish(cfg: dict) -> list:
-    return [A.Normalize(mean=cfg["augment"]["mean"], std=cfg["augment"]["std"], max_pixel_value=255.0), ToTensorV2()]
-
-
 def train_transform(cfg: dict, seed: int | None = None) -> A.Compose:
-    steps = [_transform(spec) for spec in cfg["augment"]["train"] or []]
-    return A.Compose(steps + _finish(cfg), seed=seed, strict=True)
+    """The albumentations engine: uint8 HWC in, uint8 HWC out (normalised later, on the device)."""
+    steps = [_albumentation(spec) for spec in cfg["augment"]["train"] or []]
+    return A.Compose(steps, seed=seed, strict=True)
 
 
-def eval_transform(cfg: dict) -> A.Compose:
-    return A.Compose(_finish(cfg), strict=True)
+def _kornia_step(spec: dict):
+    import kornia.augmentation as K
+
+    spec = dict(spec)
+    name = spec.pop("name", None)
+    kind = getattr(K, str(name), None)
+    if not name or not isinstance(kind, type) or not issubclass(kind, K.base._AugmentationBase):
+        valid = [n for n in dir(K) if isinstance(getattr(K, n), type) and issubclass(getattr(K, n), K.base._AugmentationBase)]
+        raise _unknown("kornia", "augment.gpu", name, valid)
+    if spec.get("same_on_batch"):
+        raise ConfigError(f"augment.gpu: {name}: same_on_batch must stay false (each sample draws its own parameters)")
+    try:
+        return kind(**spec, same_on_batch=False)
+    except (ValueError, TypeError, AssertionError) as error:
+        raise ConfigError(f"augment.gpu: {name}({spec}): {error}") from error
+
+
+def gpu_augmenter(cfg: dict) -> torch.nn.Module | None:
+    """The kornia engine: float NCHW in [0, 1] in and out, each sample with its own parameters; None if empty."""
+    specs = cfg["augment"]["gpu"] or []
+    if not specs:
+        return None
+    import kornia.augmentation as K
+
+    return K.AugmentationSequential(*[_kornia_step(spec) for spec in specs])
+
+
+def check_augment(cfg: dict) -> None:
+    """Build both engines' pipelines so a bad transform is refused before any work starts."""
+    train_transform(cfg)
+    if cfg["augment"]["engine"] != "albumentations":
+        gpu_augmenter(cfg)
+
+
+class Normalize(torch.nn.Module):
+    """uint8 NHWC batch -> float NCHW, optionally augmented (kornia), normalised, channels_last.
+
+    The only place pixels become model input, for training, validation and inference alike.
+    """
+
+    def __init__(self, cfg: dict, device: torch.device, augmenter: torch.nn.Module | None = None,
+                 channels_last: bool = False):
+        super().__init__()
+        self.augmenter = augmenter
+        self.channels_last = channels_last
+        self.register_buffer("mean", torch.tensor(cfg["augment"]["mean"], dtype=torch.float32).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(cfg["augment"]["std"], dtype=torch.float32).view(1, 3, 1, 1))
+        self.to(device)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = images.permute(0, 3, 1, 2).float() / 255
+        if self.augmenter is not None:
+            x = self.augmenter(x).clamp_(0, 1)
+        x = (x - self.mean) / self.std
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x.contiguous()

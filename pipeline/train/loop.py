@@ -29,12 +29,16 @@ from pipeline.evaluate.metrics import score_probs
 from pipeline.evaluate.tables import save_probs
 from pipeline.io import atomic_write_text, write_provenance
 from pipeline.train import checkpoint
-from pipeline.train.augment import eval_transform, train_transform
-from pipeline.train.batches import EpochSampler, ImageDataset, same_label_cutmix, sampler_weights
+from pipeline.train.augment import Normalize, gpu_augmenter, train_transform
+from pipeline.train.augment import engine as augment_engine
+from pipeline.train.batches import (DeviceBatches, ImageDataset, LoaderBatches, same_label_cutmix, sampler_weights,
+                                    timed)
 from pipeline.train.losses import class_weights, loss_fn
-from pipeline.train.model import autocast, build_model, resolve_device
-from pipeline.train.predict import predict
+from pipeline.train.model import autocast, build_model, prepare_model, resolve_device
+from pipeline.train.predict import eval_normalize, predict
 from pipeline.train.schedule import make_optimizer, make_scheduler, step_scheduler
+
+PROGRESS_EVERY = 25  # steps between progress-bar loss updates (each one reads the loss: a host sync)
 
 
 @dataclass
@@ -59,7 +63,7 @@ class LoopState:
 
 @dataclass
 class Job:
-    """Everything one job trains and validates with."""
+    """Everything one job trains and validates with, built once per job."""
     backbone: str
     fold: int
     seed: int
@@ -68,10 +72,11 @@ class Job:
     optimizer: torch.optim.Optimizer
     scheduler: object
     criteria: dict
-    train_set: ImageDataset
-    val_set: ImageDataset
+    batches: LoaderBatches | DeviceBatches   # the training draws, uint8 on the device
+    prepare: Normalize                       # uint8 -> model input (with the kornia augmentation, if that engine)
+    store: object                            # the uint8 cache validation batches are cut from
+    val_rows: np.ndarray
     val_table: object
-    sample_weights: torch.Tensor | None
 
 
 def _reseed(seed: int) -> None:
@@ -85,22 +90,30 @@ def build_job(cfg: dict, backbone: str, fold: int, data: TrainData) -> Job:
     if t["threads"]:
         torch.set_num_threads(t["threads"])
     device = resolve_device(t["device"])
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = t["cudnn_benchmark"]
     seed = t["seed"] * 100 + fold
     _reseed(seed)
-    model = build_model(cfg, backbone).to(device)
-    if device.type == "cuda" and t["channels_last"]:
-        model = model.to(memory_format=torch.channels_last)
+    model = prepare_model(cfg, build_model(cfg, backbone), device)
     optimizer = make_optimizer(cfg, model)
     train_rows, val_rows = data.split(fold)
     targets = data.train_targets
     criteria = {head: loss_fn(t["loss"], _head_class_weights(cfg, targets[head][train_rows], head),
                               t["label_smoothing"], t["focal_gamma"])
                 for head in labels.trained_heads(cfg["model"]["head"])}
+    weights = sampler_weights(targets["joint"][train_rows]) if t["weighted_sampler"] else None
+    channels_last = device.type == "cuda" and t["channels_last"]
+    store = data.store(device)
+    if augment_engine(cfg, device) == "kornia":
+        batches = DeviceBatches(store, train_rows, targets, t["batch_size"], device, weights)
+        prepare = Normalize(cfg, device, gpu_augmenter(cfg), channels_last)
+    else:
+        workers = cfg["data"]["num_workers"] if device.type == "cuda" else 0
+        dataset = ImageDataset(data.images, train_transform(cfg), train_rows, targets)
+        batches = LoaderBatches(dataset, t["batch_size"], workers, device, weights)
+        prepare = Normalize(cfg, device, None, channels_last)
     return Job(backbone, fold, seed, device, model, optimizer, make_scheduler(cfg, optimizer), criteria,
-               train_set=ImageDataset(data.images, train_transform(cfg), train_rows, targets),
-               val_set=ImageDataset(data.images, eval_transform(cfg), val_rows),
-               val_table=data.table.iloc[val_rows],
-               sample_weights=sampler_weights(targets["joint"][train_rows]) if t["weighted_sampler"] else None)
+               batches, prepare, store, val_rows, data.table.iloc[val_rows])
 
 
 def _head_class_weights(cfg: dict, head_targets: np.ndarray, head: str):
@@ -109,51 +122,56 @@ def _head_class_weights(cfg: dict, head_targets: np.ndarray, head: str):
     return class_weights(head_targets, {**labels.HEADS, "joint": labels.NUM_CLASSES}[head])
 
 
+def _step(cfg: dict, job: Job, images: torch.Tensor, targets: dict) -> dict:
+    """One optimisation step; returns the per-head losses as device tensors (never read here)."""
+    with autocast(job.device, cfg["train"]["amp"]):
+        outputs = labels.split_logits(job.model(images), cfg["model"]["head"])
+    losses = {head: criterion(outputs[head], targets[head]) for head, criterion in job.criteria.items()}
+    loss = sum(cfg["model"]["head_weights"].get(head, 1.0) * value for head, value in losses.items())
+    job.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    job.optimizer.step()
+    return losses
+
+
 def train_one_epoch(cfg: dict, job: Job, epoch: int) -> dict:
-    """One pass over the epoch's draws; returns mean loss per head and images per second."""
+    """One pass over the epoch's draws: mean loss per head, images per second and the share of the
+    epoch spent waiting for batches. Loss sums stay on the device and are read once, at the end (and
+    every PROGRESS_EVERY steps for the progress bar), so the host never waits on the GPU mid-epoch."""
     t = cfg["train"]
     epoch_seed = job.seed * 1000 + epoch
-    _reseed(epoch_seed)
-    generator = torch.Generator().manual_seed(epoch_seed)
-    job.train_set.epoch_seed = epoch_seed
-    workers = cfg["data"]["num_workers"] if job.device.type == "cuda" else 0
-    loader = torch.utils.data.DataLoader(
-        job.train_set, batch_size=t["batch_size"], num_workers=workers, pin_memory=job.device.type == "cuda",
-        sampler=EpochSampler(len(job.train_set), epoch_seed, job.sample_weights),
-        drop_last=len(job.train_set) > t["batch_size"])
-    head_weights = cfg["model"]["head_weights"]
+    _reseed(epoch_seed)  # dropout and the kornia engine's parameters draw from torch's global generators
+    coin = torch.Generator().manual_seed(epoch_seed)
+    mix = torch.Generator(device=job.device).manual_seed(epoch_seed)
     job.model.train()
-    started, seen, loss_sum = time.time(), 0, {head: 0.0 for head in job.criteria}
-    batches = min(len(loader), t["max_batches"] or len(loader))
-    bar = tqdm(loader, total=batches, desc=f"{job.backbone} f{job.fold} e{epoch}", leave=False)
-    for step, (images, targets) in enumerate(bar):
+    batches = min(len(job.batches), t["max_batches"] or len(job.batches))
+    loss_sum = {head: torch.zeros((), device=job.device) for head in job.criteria}
+    started, seen, waited = time.perf_counter(), 0, 0.0
+    bar = tqdm(total=batches, desc=f"{job.backbone} f{job.fold} e{epoch}", leave=False)
+    for step, (wait, (images, targets)) in enumerate(timed(job.batches.epoch(epoch_seed))):
         if step >= batches:
             break
-        images = images.to(job.device, non_blocking=True)
-        if job.device.type == "cuda" and t["channels_last"]:
-            images = images.contiguous(memory_format=torch.channels_last)
-        targets = {k: v.to(job.device) for k, v in targets.items()}
-        if t["cutmix_p"] and float(torch.rand(1, generator=generator)) < t["cutmix_p"]:
-            images = same_label_cutmix(images, targets["joint"], generator)
-        with autocast(job.device, t["amp"]):
-            outputs = labels.split_logits(job.model(images), cfg["model"]["head"])
-        losses = {head: criterion(outputs[head], targets[head]) for head, criterion in job.criteria.items()}
-        loss = sum(head_weights.get(head, 1.0) * value for head, value in losses.items())
-        job.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        job.optimizer.step()
+        waited += wait
+        images = job.prepare(images)
+        if t["cutmix_p"] and float(torch.rand(1, generator=coin)) < t["cutmix_p"]:
+            images = same_label_cutmix(images, targets["joint"], mix)
+        losses = _step(cfg, job, images, targets)
         seen += len(images)
         for head, value in losses.items():
-            loss_sum[head] += float(value.detach()) * len(images)
-        bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
-    return {"images_per_s": seen / max(time.time() - started, 1e-9),
-            **{f"loss_{head}": total / max(seen, 1) for head, total in loss_sum.items()}}
+            loss_sum[head] += value.detach() * len(images)
+        bar.update()
+        if step % PROGRESS_EVERY == 0:
+            bar.set_postfix(loss=f"{sum(float(v) for v in loss_sum.values()) / seen:.3f}")
+    bar.close()
+    means = {f"loss_{head}": float(total) / max(seen, 1) for head, total in loss_sum.items()}  # the epoch's sync
+    elapsed = max(time.perf_counter() - started, 1e-9)
+    return {"images_per_s": seen / elapsed, "data_wait": waited / elapsed, **means}
 
 
 def validate(cfg: dict, job: Job) -> tuple[dict, dict]:
     """Validation probabilities (no augmentation) and their scores against the official labels."""
-    probs = predict(job.model, job.val_set, job.device, cfg["infer"]["batch_size"], amp=cfg["train"]["amp"],
-                    desc="validate")
+    probs = predict(job.model, job.store, job.val_rows, eval_normalize(cfg, job.device), cfg["infer"]["batch_size"],
+                    amp=cfg["train"]["amp"], desc="validate")
     return probs, score_probs(probs, job.val_table["label"].to_numpy())
 
 
@@ -211,21 +229,27 @@ def _train(cfg: dict, artifact: Artifact, backbone: str, fold: int, data: TrainD
 
     with SummaryWriter(log_dir=str(artifact.path("tb")), purge_step=state.epoch) as writer:
         while not state.finished(cfg["train"]["epochs"], cfg["train"]["patience"]):
-            epoch = state.epoch
-            record = {"epoch": epoch, "lr": job.optimizer.param_groups[0]["lr"], **train_one_epoch(cfg, job, epoch)}
-            val_probs, scores = validate(cfg, job)
-            record.update({f"val_{k}": v for k, v in scores.items()})
-            step_scheduler(job.scheduler, scores["f1"])
-            improved = state.improve(epoch, scores["f1"])
-            if improved:
-                checkpoint.save_best(artifact, job.model, backbone, fold, epoch, scores["f1"])
-                save_probs(artifact.path(VAL_PROBS), job.val_table, val_probs, backbone=backbone, fold=fold)
-            state.history.append(record)
-            state.epoch = epoch + 1
-            checkpoint.save_last(artifact, job.model, job.optimizer, job.scheduler, asdict(state))
-            _log_epoch(artifact, writer, state, record, improved, job)
+            record = _epoch(cfg, job, artifact, state)
+            _log_epoch(artifact, writer, state, record, record["epoch"] == state.best_epoch, job)
             if epoch_callback is not None:
-                epoch_callback(epoch, record)
+                epoch_callback(record["epoch"], record)
     return artifact.seal(backbone=backbone, fold=fold, best_epoch=state.best_epoch, best_f1=state.best_f1,
                          epochs_run=state.epoch, seed=job.seed, data_fingerprint=data.fingerprint,
                          history=state.history)
+
+
+def _epoch(cfg: dict, job: Job, artifact: Artifact, state: LoopState) -> dict:
+    """Train one epoch, validate, step the schedule, then checkpoint: best.pt and its validation table when
+    the F1 improved, and last.pt always, after which a kill resumes from the next epoch."""
+    epoch = state.epoch
+    record = {"epoch": epoch, "lr": job.optimizer.param_groups[0]["lr"], **train_one_epoch(cfg, job, epoch)}
+    val_probs, scores = validate(cfg, job)
+    record.update({f"val_{k}": v for k, v in scores.items()})
+    step_scheduler(job.scheduler, scores["f1"])
+    if state.improve(epoch, scores["f1"]):
+        checkpoint.save_best(artifact, job.model, job.backbone, job.fold, epoch, scores["f1"])
+        save_probs(artifact.path(VAL_PROBS), job.val_table, val_probs, backbone=job.backbone, fold=job.fold)
+    state.history.append(record)
+    state.epoch = epoch + 1
+    checkpoint.save_last(artifact, job.model, job.optimizer, job.scheduler, asdict(state))
+    return record

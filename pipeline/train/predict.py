@@ -1,5 +1,13 @@
-"""Probabilities from a model: every head and the 18-class joint, averaged over TTA views."""
+"""Probabilities from a model: every head and the 18-class joint, averaged over TTA views.
+
+One batched path for per-epoch validation and the infer stage: batches are cut from the uint8 cache
+(resident on the GPU when it fits), normalised on the device, the TTA views of a batch that share a
+shape go through the model as one forward batch, and the outputs stay on the device until one copy
+at the end.
+"""
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import torch
@@ -10,9 +18,9 @@ from pipeline import labels
 from pipeline.artifacts import BEST, EVAL_PROBS, VAL_PROBS_TTA, Artifact
 from pipeline.evaluate.tables import save_probs
 from pipeline.io import torch_load
-from pipeline.train.augment import eval_transform
-from pipeline.train.batches import ImageDataset
-from pipeline.train.model import MaskNet, autocast, build_model
+from pipeline.train.augment import Normalize
+from pipeline.train.batches import eval_batches
+from pipeline.train.model import MaskNet, autocast, build_model, prepare_model
 
 
 def tta_views(x: torch.Tensor, tta) -> list[torch.Tensor]:
@@ -31,45 +39,69 @@ def tta_views(x: torch.Tensor, tta) -> list[torch.Tensor]:
     return views
 
 
+def _forward_views(model: MaskNet, views: list[torch.Tensor], amp: bool, channels_last: bool) -> dict:
+    """Sum over views of each table's probabilities; views of one shape share a forward batch."""
+    by_shape: dict[tuple, list] = {}
+    for view in views:
+        by_shape.setdefault(tuple(view.shape), []).append(view)
+    summed = None
+    for group in by_shape.values():
+        batch = torch.cat(group) if len(group) > 1 else group[0]
+        if channels_last:
+            batch = batch.contiguous(memory_format=torch.channels_last)
+        with autocast(batch.device, amp):
+            probs = labels.probabilities(model(batch), model.head_kind)
+        probs = {k: v.float().unflatten(0, (len(group), -1)).sum(0) for k, v in probs.items()}
+        summed = probs if summed is None else {k: summed[k] + probs[k] for k in summed}
+    return summed
+
+
 @torch.no_grad()
-def predict(model: MaskNet, dataset, device: torch.device, batch_size: int, tta=("none",), amp: bool = True,
+def predict(model: MaskNet, store, rows, normalize: Normalize, batch_size: int, tta=("none",), amp: bool = True,
             desc: str = "predict") -> dict[str, np.ndarray]:
-    """Mean softmax probabilities over TTA views, per head and joint (labels.TABLE_KEYS), float32, in dataset order."""
+    """Mean softmax probabilities over TTA views of the images at `rows`, per head and joint
+    (labels.TABLE_KEYS), float32, in row order. `store` is the uint8 cache (see dataset.resident)."""
     model.eval()
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=0)
-    chunks: dict[str, list] = {key: [] for key in labels.TABLE_KEYS}
-    for images, _ in tqdm(loader, desc=desc, leave=False):
-        images = images.to(device, non_blocking=True)
-        if device.type == "cuda":
-            images = images.contiguous(memory_format=torch.channels_last)
-        summed = None
-        views = tta_views(images, tta)
-        for view in views:
-            with autocast(device, amp):
-                probs = labels.probabilities(model(view), model.head_kind)
-            summed = probs if summed is None else {k: summed[k] + probs[k] for k in summed}
-        for key in chunks:
-            chunks[key].append((summed[key] / len(views)).float().cpu().numpy())
-    return {key: np.concatenate(parts).astype(np.float32) if parts else np.zeros((0, 1), np.float32)
-            for key, parts in chunks.items()}
+    device = normalize.mean.device
+    rows = np.asarray(rows)
+    tables: dict[str, torch.Tensor] = {}
+    batches = eval_batches(store, rows, device, batch_size)
+    for start, images in tqdm(batches, total=math.ceil(len(rows) / batch_size), desc=desc, leave=False):
+        views = tta_views(normalize(images), tta)
+        summed = _forward_views(model, views, amp, normalize.channels_last)
+        for key, value in summed.items():
+            if key not in tables:
+                tables[key] = torch.empty((len(rows), value.shape[1]), dtype=torch.float32, device=device)
+            tables[key][start:start + len(value)] = value / len(views)
+    if not tables:
+        return {key: np.zeros((0, 1), np.float32) for key in labels.TABLE_KEYS}
+    return {key: value.cpu().numpy() for key, value in tables.items()}  # the one copy back
 
 
-def load_best_model(cfg: dict, job: Artifact, backbone: str) -> MaskNet:
-    """The best checkpoint of a finished, up-to-date training job."""
+def eval_normalize(cfg: dict, device: torch.device) -> Normalize:
+    """Evaluation input: no augmentation; channels_last where the model is (CUDA and train.channels_last)."""
+    return Normalize(cfg, device, channels_last=device.type == "cuda" and cfg["train"]["channels_last"])
+
+
+def load_best_model(cfg: dict, job: Artifact, backbone: str, device: torch.device) -> MaskNet:
+    """The best checkpoint of a finished, up-to-date training job, on the device, ready to predict."""
     job.require()
     checkpoint = torch_load(job.path(BEST))
     model = build_model(cfg, backbone, for_inference=True)
     model.load_state_dict(checkpoint["model"])
-    return model
+    return prepare_model(cfg, model, device)
 
 
-def predict_fold(cfg: dict, model: MaskNet, data, fold: int, eval_table, eval_images, device, out: Artifact) -> None:
-    """Write one fold model's TTA'd tables: its validation images (TTA measured on OOF) and the eval images."""
+def predict_fold(cfg: dict, model: MaskNet, data, fold: int, eval_table, stores: dict, device, out: Artifact) -> None:
+    """Write one fold model's TTA'd tables: its validation images (TTA measured on OOF) and the eval images.
+
+    `stores` holds the uint8 caches as dataset.resident made them: {"train": ..., "eval": ...}.
+    """
     batch, amp, tta = cfg["infer"]["batch_size"], cfg["train"]["amp"], list(cfg["infer"]["tta"])
-    transform = eval_transform(cfg)
+    normalize = eval_normalize(cfg, device)
     _, val_rows = data.split(fold)
-    val_probs = predict(model, ImageDataset(data.images, transform, val_rows), device, batch, tta, amp,
-                        desc=f"f{fold} val TTA")
+    val_probs = predict(model, stores["train"], val_rows, normalize, batch, tta, amp, desc=f"f{fold} val TTA")
     save_probs(out.path(VAL_PROBS_TTA), data.table.iloc[val_rows], val_probs, fold=fold)
-    eval_probs = predict(model, ImageDataset(eval_images, transform), device, batch, tta, amp, desc=f"f{fold} eval")
+    eval_probs = predict(model, stores["eval"], np.arange(len(eval_table)), normalize, batch, tta, amp,
+                         desc=f"f{fold} eval")
     save_probs(out.path(EVAL_PROBS), eval_table, eval_probs, fold=fold)

@@ -9,7 +9,9 @@ import torch
 def make_optimizer(cfg: dict, model: torch.nn.Module) -> torch.optim.Optimizer:
     t = cfg["train"]
     if t["optimizer"] == "adamw":
-        return torch.optim.AdamW(model.parameters(), lr=t["lr"], weight_decay=t["weight_decay"])
+        # fused: one kernel for the whole update instead of several per parameter tensor
+        fused = all(p.is_cuda for p in model.parameters())
+        return torch.optim.AdamW(model.parameters(), lr=t["lr"], weight_decay=t["weight_decay"], fused=fused or None)
     return torch.optim.SGD(model.parameters(), lr=t["lr"], momentum=t["momentum"], weight_decay=t["weight_decay"],
                            nesterov=True)
 
