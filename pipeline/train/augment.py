@@ -13,6 +13,7 @@ from __future__ import annotations
 import difflib
 
 import albumentations as A
+import numpy as np
 import torch
 
 from pipeline.errors import ConfigError
@@ -86,9 +87,14 @@ def check_augment(cfg: dict) -> None:
 
 
 class Normalize(torch.nn.Module):
-    """uint8 NHWC batch -> float NCHW, optionally augmented (kornia), normalised, channels_last.
+    """uint8 NHWC batch -> float NCHW model input: optionally augmented (kornia), then normalised.
 
     The only place pixels become model input, for training, validation and inference alike.
+    Normalisation is a per-channel lookup table of albumentations' own Normalize values, so both
+    engines and evaluation give bit-identical input for the same pixels (and the same as before the
+    GPU path existed).
+    The kornia engine's output is rounded back to uint8 first, as albumentations' is. The gather
+    writes NHWC, so the NCHW view of it is already channels_last.
     """
 
     def __init__(self, cfg: dict, device: torch.device, augmenter: torch.nn.Module | None = None,
@@ -96,13 +102,19 @@ class Normalize(torch.nn.Module):
         super().__init__()
         self.augmenter = augmenter
         self.channels_last = channels_last
-        self.register_buffer("mean", torch.tensor(cfg["augment"]["mean"], dtype=torch.float32).view(1, 3, 1, 1))
-        self.register_buffer("std", torch.tensor(cfg["augment"]["std"], dtype=torch.float32).view(1, 3, 1, 1))
+        every_value = np.repeat(np.arange(256, dtype=np.uint8)[None, :, None], 3, axis=2)  # (1, 256, 3)
+        table = A.Normalize(mean=cfg["augment"]["mean"], std=cfg["augment"]["std"])(image=every_value)["image"]
+        self.register_buffer("table", torch.from_numpy(np.ascontiguousarray(table[0].T, np.float32)).reshape(-1))
+        self.register_buffer("offsets", torch.arange(3) * 256)
         self.to(device)
 
+    @property
+    def device(self) -> torch.device:
+        return self.table.device
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        x = images.permute(0, 3, 1, 2).float() / 255
         if self.augmenter is not None:
-            x = self.augmenter(x).clamp_(0, 1)
-        x = (x - self.mean) / self.std
-        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x.contiguous()
+            x = self.augmenter(images.permute(0, 3, 1, 2).float() / 255).clamp_(0, 1)
+            images = (x * 255).round_().to(torch.uint8).permute(0, 2, 3, 1)
+        x = self.table[images.long() + self.offsets].permute(0, 3, 1, 2)  # NCHW view of NHWC memory
+        return x if self.channels_last else x.contiguous()

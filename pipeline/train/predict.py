@@ -62,7 +62,7 @@ def predict(model: MaskNet, store, rows, normalize: Normalize, batch_size: int, 
     """Mean softmax probabilities over TTA views of the images at `rows`, per head and joint
     (labels.TABLE_KEYS), float32, in row order. `store` is the uint8 cache (see dataset.resident)."""
     model.eval()
-    device = normalize.mean.device
+    device = normalize.device
     rows = np.asarray(rows)
     tables: dict[str, torch.Tensor] = {}
     batches = eval_batches(store, rows, device, batch_size)
