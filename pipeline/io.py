@@ -1,4 +1,4 @@
-"""Atomic writes (with the fault hooks tests use) and the metadata every artifact carries."""
+"""Atomic writes (with the fault hooks tests use), artifact metadata, and worker processes that die with their stage."""
 from __future__ import annotations
 
 import contextlib
@@ -10,6 +10,8 @@ import re
 import signal
 import subprocess
 import tempfile
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -227,3 +229,26 @@ def write_provenance(folder, cfg: dict, seed: int, extra: dict | None = None) ->
     atomic_write_yaml(folder / "config.yaml", redacted(cfg))
     meta = {"seed": seed, "git_commit": git_commit(), **(extra or {})}
     atomic_write_json(folder / "meta.json", meta)
+
+
+def parallel(workers: int, **options):
+    """joblib.Parallel over `workers` loky processes that exit within a second of their stage's death.
+
+    loky keeps idle workers for minutes and never notices a parent killed with kill -9: a killed stage's
+    workers would live on, and a killed synth's could go on writing images into the folder its re-run clears.
+    """
+    from joblib import Parallel
+
+    if workers <= 1:
+        return Parallel(n_jobs=1, backend="sequential", **options)
+    return Parallel(n_jobs=workers, backend="loky", initializer=_exit_with_parent, initargs=(os.getpid(),), **options)
+
+
+def _exit_with_parent(parent: int) -> None:
+    """Runs in each worker: a thread that ends the worker once its parent is gone (it is re-parented)."""
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.2)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()

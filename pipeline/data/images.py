@@ -11,16 +11,15 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-from joblib import Parallel, delayed
+from joblib import delayed
 from PIL import Image
 from tqdm import tqdm
 
 from pipeline.errors import DataError
-from pipeline.io import atomic_write_bytes, stable_hash
+from pipeline.io import atomic_write_bytes, parallel, stable_hash
 
 cv2.setNumThreads(1)  # parallelism comes from joblib; nested threads only thrash 2 cores
 Image.MAX_IMAGE_PIXELS = None  # read_image applies data.max_image_pixels itself, naming the file and the key
-
 
 
 def read_image(file, max_pixels: int) -> np.ndarray:
@@ -83,7 +82,7 @@ def decode_images(files, crop, size, max_pixels: int, workers: int = 2,
     """(N, H, W, 3) uint8 images and every problem found, decoded in parallel chunks."""
     files = list(files)
     chunks = [files[i:i + 64] for i in range(0, len(files), 64)]
-    results = Parallel(n_jobs=max(1, workers), backend="loky" if workers > 1 else "sequential")(
+    results = parallel(workers)(
         delayed(_decode_chunk)(chunk, crop, size, max_pixels) for chunk in tqdm(chunks, desc=desc, unit="x64img", leave=False))
     problems = [p for _, chunk_problems in results for p in chunk_problems]
     if size is None:
