@@ -36,7 +36,8 @@ BEST, LAST, VAL_PROBS, METRICS = "best.pt", "last.pt", "val_probs.npz", "metrics
 EVAL_PROBS, VAL_PROBS_TTA = "eval_probs.npz", "val_probs_tta.npz"
 # sections of the config a training job depends on; locations and worker counts are not among them
 JOB_SECTIONS = ("data", "folds", "model", "train", "augment")
-JOB_IGNORED = {"data": ("root", "cache_dir", "label_fixes", "num_workers"), "train": ("folds", "threads")}
+JOB_IGNORED = {"data": ("root", "cache_dir", "label_fixes", "num_workers"), "folds": ("dir",),
+               "train": ("folds", "threads")}
 
 
 def output_dir(cfg: dict, *parts: str) -> Path:

@@ -52,3 +52,54 @@ def test_a_huge_field_is_quoted_short_and_escaped(tmp_path, data_copy):
                for p in problems), problems
     assert any("row 2" in p and "(100001 characters) is not an integer" in p for p in problems)
     assert all(len(p) < 400 for p in problems), [len(p) for p in problems]
+
+
+# ---------------------------------------------------------------- folds files
+
+
+def test_a_folds_file_without_its_fingerprint_that_differs_is_refused_naming_force(tmp_path, tiny_data):
+    cfg = make_config(tmp_path, tiny_data, "folds.k=3")
+    folds.run(cfg)
+    path = folds_path(cfg)
+    folds_artifact(cfg, load_train(cfg)[0]).stamp_path.unlink()
+    foreign = path.read_text().replace(",0\n", ",9\n")  # a file made by hand, or for other data
+    path.write_text(foreign)
+    with pytest.raises(StaleArtifactError, match=r"has no fingerprint.*replace it: \./run\.sh folds -c CONFIG --force"):
+        folds.run(cfg)
+    assert path.read_text() == foreign  # left as it was
+    folds.run(cfg, force=True)
+    assert path.read_text() != foreign
+
+
+def test_a_folds_file_without_its_fingerprint_that_holds_these_folds_gets_its_fingerprint(tmp_path, tiny_data,
+                                                                                            capsys):
+    """What a folds run killed between the file and its stamp leaves: the next run keeps the file, stamps it."""
+    cfg = make_config(tmp_path, tiny_data, "folds.k=3")
+    folds.run(cfg)
+    path = folds_path(cfg)
+    before = path.stat().st_mtime_ns
+    folds_artifact(cfg, load_train(cfg)[0]).stamp_path.unlink()
+    folds.run(cfg)
+    assert "had no fingerprint; it holds the folds of this data" in capsys.readouterr().out
+    assert path.stat().st_mtime_ns == before
+    table, _ = load_train(cfg)
+    assert load_folds(cfg, table).nunique() == 3
+
+
+@pytest.mark.parametrize("damage", [b"\0" * 5000, b"person_id,fold\nabc,one\n", b"who,what\n1,2\n"],
+                         ids=["nul-filled", "fold not a number", "other columns"])
+def test_a_damaged_folds_file_is_named_with_the_command_that_remakes_it(tmp_path, tiny_data, damage):
+    cfg = make_config(tmp_path, tiny_data, "folds.k=3")
+    folds.run(cfg)
+    folds_path(cfg).write_bytes(damage)
+    table, _ = load_train(cfg)
+    with pytest.raises(ArtifactError, match=rf"{folds_path(cfg)}.*re-run: ./run.sh folds -c CONFIG --force"):
+        load_folds(cfg, table)
+
+
+def test_where_the_folds_file_lives_is_not_part_of_a_training_jobs_identity(tmp_path, tiny_data):
+    one = make_config(tmp_path, tiny_data, "folds.k=3")
+    other = make_config(tmp_path, tiny_data, "folds.k=3", f"folds.dir={tmp_path / 'elsewhere'}")
+    assert train_artifact(one, "b", 0, "fp").key == train_artifact(other, "b", 0, "fp").key
+    assert train_artifact(one, "b", 0, "fp").key != train_artifact(make_config(tmp_path, tiny_data, "folds.k=4"),
+                                                                  "b", 0, "fp").key
