@@ -12,12 +12,13 @@ import subprocess
 import tempfile
 import threading
 import time
+import zipfile
 from pathlib import Path
 
 import numpy as np
 import yaml
 
-from pipeline.errors import ArtifactError, WriteError
+from pipeline.errors import ArtifactError, MissingArtifactError, WriteError
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 _UMASK = os.umask(0)
@@ -170,8 +171,18 @@ def torch_load(path):
 
 
 def load_npz(path) -> dict[str, np.ndarray]:
-    with np.load(path, allow_pickle=False) as data:
-        return {key: data[key] for key in data.files}
+    """The arrays of a table written by atomic_save_npz; a damaged or foreign file is an error naming it."""
+    try:
+        data = np.load(path, allow_pickle=False)
+        if not isinstance(data, np.lib.npyio.NpzFile):
+            raise ValueError("an .npy array, not an .npz archive")
+        with data:
+            return {key: data[key] for key in data.files}
+    except FileNotFoundError as error:
+        raise MissingArtifactError(f"{path}: not found") from error
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:  # numpy words a pickle or a bad header so
+        raise ArtifactError(f"{path}: not a readable table ({str(error).strip()[:200]}); "
+                            f"re-run the stage that wrote it with --force") from error
 
 
 def _json_default(value):

@@ -103,3 +103,65 @@ def test_where_the_folds_file_lives_is_not_part_of_a_training_jobs_identity(tmp_
     assert train_artifact(one, "b", 0, "fp").key == train_artifact(other, "b", 0, "fp").key
     assert train_artifact(one, "b", 0, "fp").key != train_artifact(make_config(tmp_path, tiny_data, "folds.k=4"),
                                                                   "b", 0, "fp").key
+
+
+# ---------------------------------------------------------------- the pixel cache and probability tables
+
+
+@pytest.fixture
+def cache_case(tmp_path, data_copy):
+    cfg = make_config(tmp_path, data_copy)
+    table, _ = load_train(cfg)
+    files = list(table["file"][:5])
+    expected = images.decode_images(files, cfg["data"]["crop"], cfg["data"]["image_size"], 10**8, workers=1)[0]
+    path = images.cache_path(cfg, files)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return cfg, files, expected, path
+
+
+class _Payload:
+    """Unpickling this creates a file: the proof that a pickle ran."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return open, (self.marker, "w")
+
+
+@pytest.mark.parametrize("damage", ["python objects", "pickle", "zero-filled", "truncated", "other shape"])
+def test_a_bad_cache_file_is_never_used_it_is_rebuilt_with_a_warning_naming_it(cache_case, damage, tmp_path, capsys):
+    cfg, files, expected, path = cache_case
+    marker = tmp_path / "pickle-ran"
+    if damage == "python objects":
+        np.save(path, np.array([_Payload(marker)] * 5, dtype=object), allow_pickle=True)
+    elif damage == "pickle":
+        path.write_bytes(pickle.dumps(_Payload(marker)))
+    elif damage == "zero-filled":
+        path.write_bytes(b"\0" * 4096)
+    elif damage == "truncated":
+        np.save(path, expected)
+        path.write_bytes(path.read_bytes()[:-100])
+    else:
+        np.save(path, expected[:, :10])
+    loaded = images.cached_images(cfg, files)
+    assert f"[data] warning: cache file {path}" in capsys.readouterr().out
+    np.testing.assert_array_equal(loaded, expected)
+    assert not marker.exists(), "the cache file's pickle was run"
+    np.testing.assert_array_equal(np.load(path, allow_pickle=False), expected)  # replaced by the real array
+
+
+@pytest.mark.parametrize("content", [b"\0" * 2048, b"not a zip", pickle.dumps({"a": 1}), b""],
+                         ids=["nul-filled", "text", "pickle", "empty"])
+def test_a_damaged_probability_table_is_named(tmp_path, content):
+    path = tmp_path / "val_probs.npz"
+    path.write_bytes(content)
+    with pytest.raises(ArtifactError, match=rf"{path}: not a readable table"):
+        load_npz(path)
+
+
+def test_a_table_holding_python_objects_is_refused(tmp_path):
+    path = tmp_path / "eval_probs.npz"
+    np.savez(path, probs_joint=np.array([object()] * 3, dtype=object))
+    with pytest.raises(ArtifactError, match=rf"{path}: not a readable table.*allow_pickle"):
+        load_npz(path)

@@ -116,12 +116,18 @@ def cache_path(cfg: dict, files) -> Path:
 
 
 def cached_images(cfg: dict, files, desc: str = "decode") -> np.ndarray:
-    """Decoded, face-cropped, resized images (N, H, W, 3) uint8, decoded once and then read from disk."""
+    """Decoded, face-cropped, resized images (N, H, W, 3) uint8, decoded once and then read from disk.
+
+    A cache file that is not that array (truncated, zero-filled, another shape, Python objects) is never
+    used: it is decoded again and replaced, with a warning naming it."""
     files = [str(f) for f in files]
     path = cache_path(cfg, files)
-    if path.exists():
-        return np.load(path, mmap_mode="r")
     crop, size = cfg["data"]["crop"], cfg["data"]["image_size"]
+    if path.exists():
+        cached, problem = _load_cache(path, (len(files), size[1], size[0], 3))
+        if cached is not None:
+            return cached
+        print(f"[data] warning: cache file {path} {problem}; decoding the images again to replace it")
     images, problems = decode_images(files, crop, size, cfg["data"]["max_image_pixels"],
                                      workers=cfg["data"]["num_workers"], desc=desc)
     if problems:
@@ -130,3 +136,15 @@ def cached_images(cfg: dict, files, desc: str = "decode") -> np.ndarray:
     np.save(buffer, images)
     atomic_write_bytes(path, buffer.getvalue())
     return images
+
+
+def _load_cache(path: Path, shape: tuple) -> tuple[np.ndarray | None, str]:
+    """(the cached array as a read-only memory map, "") or (None, what is wrong with the file)."""
+    try:
+        images = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError, EOFError) as error:  # numpy words a pickle, a bad header or a short file so
+        return None, f"is not a readable .npy array ({str(error).strip()[:200]})"
+    if not isinstance(images, np.ndarray) or images.dtype != np.uint8 or images.shape != shape:
+        found = f"{images.dtype} {images.shape}" if isinstance(images, np.ndarray) else type(images).__name__
+        return None, f"holds {found}, not uint8 {shape}"
+    return images, ""
