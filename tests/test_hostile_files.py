@@ -165,3 +165,38 @@ def test_a_table_holding_python_objects_is_refused(tmp_path):
     np.savez(path, probs_joint=np.array([object()] * 3, dtype=object))
     with pytest.raises(ArtifactError, match=rf"{path}: not a readable table.*allow_pickle"):
         load_npz(path)
+
+
+# ---------------------------------------------------------------- image conversions
+
+
+def test_grey_rgba_and_16_bit_images_are_logged_once_per_kind_with_a_count_and_the_first_file(tmp_path, capsys):
+    made = {
+        "grey": [np.full((10, 12), 200, np.uint8)] * 3,
+        "rgba": [np.full((10, 12, 4), 100, np.uint8)] * 2,
+        "rgb16": [np.full((10, 12, 3), 40000, np.uint16)],
+        "grey16": [np.full((10, 12), 40000, np.uint16)],
+        "rgb": [np.full((10, 12, 3), 90, np.uint8)] * 2,
+    }
+    files = []
+    for kind, arrays in made.items():
+        for i, array in enumerate(arrays):
+            files.append(tmp_path / f"{kind}{i}.png")
+            cv2.imwrite(str(files[-1]), array)
+    files.append(tmp_path / "grey_jpeg.jpg")
+    cv2.imwrite(str(files[-1]), np.full((10, 12), 10, np.uint8))
+    decoded, problems = images.decode_images(files, [0, 0, 1, 1], [6, 5], 10**6, workers=1)
+    assert problems == [] and decoded.shape == (len(files), 5, 6, 3) and decoded.dtype == np.uint8
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[data]")]
+    assert sorted(lines) == sorted([
+        f"[data] 4 grayscale images converted to 8-bit RGB (first: {tmp_path / 'grey0.png'})",
+        f"[data] 2 RGBA images converted to 8-bit RGB (first: {tmp_path / 'rgba0.png'})",
+        f"[data] 1 16-bit RGB image converted to 8-bit RGB (first: {tmp_path / 'rgb160.png'})",
+        f"[data] 1 16-bit grayscale image converted to 8-bit RGB (first: {tmp_path / 'grey160.png'})",
+    ])
+
+
+def test_8_bit_colour_images_log_nothing(tmp_path, data_copy, capsys):
+    table, _ = load_train(make_config(tmp_path, data_copy))
+    images.verify_images(table["file"], 10**8, workers=1)
+    assert "[data]" not in capsys.readouterr().out
