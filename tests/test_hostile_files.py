@@ -200,3 +200,39 @@ def test_8_bit_colour_images_log_nothing(tmp_path, data_copy, capsys):
     table, _ = load_train(make_config(tmp_path, data_copy))
     images.verify_images(table["file"], 10**8, workers=1)
     assert "[data]" not in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------- image names that are not files
+
+
+@pytest.mark.parametrize("kind", ["fifo", "folder", "link to /dev/zero"])
+def test_an_image_name_that_is_not_a_regular_file_is_named_by_check_never_read(tmp_path, data_copy, kind):
+    import os
+    import threading
+
+    person = sorted((data_copy / "train" / "images").iterdir())[0]
+    image = next(person.glob("mask1.*"))
+    image.unlink()
+    unblock = threading.Timer(20, lambda: _open_the_writing_end(image))
+    if kind == "fifo":
+        os.mkfifo(image)
+        unblock.start()  # should a regression open it, a late writer ends the wait: the test fails, never hangs
+    elif kind == "folder":
+        image.mkdir()
+    else:
+        image.symlink_to("/dev/zero")
+    try:
+        with pytest.raises(DataError) as caught:
+            check.run(make_config(tmp_path, data_copy))
+    finally:
+        unblock.cancel()
+    assert caught.value.problems == [f"{image}: not a regular file (a folder, FIFO or device), not an image"]
+
+
+def _open_the_writing_end(fifo) -> None:
+    import os
+
+    try:
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+    except OSError:  # no reader: nothing is waiting on it
+        pass

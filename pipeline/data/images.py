@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import os
+import stat
 from pathlib import Path
 
 import cv2
@@ -23,7 +24,7 @@ Image.MAX_IMAGE_PIXELS = None  # decode_file applies data.max_image_pixels itsel
 
 
 def read_image(file, max_pixels: int) -> np.ndarray:
-    """RGB uint8; a missing, empty, oversized or undecodable file raises naming it."""
+    """RGB uint8; a missing, empty, oversized, undecodable or not-a-file file raises naming it."""
     return decode_file(file, max_pixels)[0]
 
 
@@ -37,6 +38,12 @@ def decode_file(file, max_pixels: int) -> tuple[np.ndarray, str | None]:
     and its mode says what OpenCV will convert.
     """
     file = str(file)
+    try:
+        st_mode = os.stat(file).st_mode
+    except OSError as error:
+        raise DataError([f"{file}: cannot read ({error.strerror or error})"]) from error
+    if not stat.S_ISREG(st_mode):  # a FIFO would block the first read forever, /dev/zero never end
+        raise DataError([f"{file}: not a regular file (a folder, FIFO or device), not an image"])
     try:
         with Image.open(file) as header:
             (width, height), mode = header.size, header.mode
