@@ -93,11 +93,14 @@ class Artifact:
 
     def read_stamp(self) -> dict | None:
         try:
-            return json.loads(self.stamp_path.read_text())
+            stamp = json.loads(self.stamp_path.read_text())
+            if not isinstance(stamp, dict):
+                raise ValueError(f"a JSON {type(stamp).__name__}, not an object")
+            return stamp
         except FileNotFoundError:
             return None
-        except (OSError, ValueError) as error:
-            raise ArtifactError(f"{self.what}: stamp {self.stamp_path} is unreadable ({error}); "
+        except (OSError, ValueError) as error:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+            raise ArtifactError(f"{self.what}: stamp {self.stamp_path} is unreadable ({str(error)[:200]}); "
                                 f"delete it and run: {self.remedy}") from error
 
     def state(self) -> tuple[str, str]:

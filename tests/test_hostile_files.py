@@ -236,3 +236,28 @@ def _open_the_writing_end(fifo) -> None:
         os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
     except OSError:  # no reader: nothing is waiting on it
         pass
+
+
+# ---------------------------------------------------------------- damaged stamps and reports
+
+
+@pytest.mark.parametrize("content", ["[1, 2]", "null", '"done"', "\0" * 100, "{"],
+                         ids=["list", "null", "string", "nul-filled", "cut short"])
+def test_a_damaged_stamp_is_named_with_the_command_that_remakes_it(tmp_path, tiny_data, content):
+    cfg = make_config(tmp_path, tiny_data, "folds.k=3")
+    folds.run(cfg)
+    stamp = folds_artifact(cfg, load_train(cfg)[0]).stamp_path
+    stamp.write_text(content)
+    with pytest.raises(ArtifactError, match=rf"stamp {stamp} is unreadable .*run: ./run.sh folds -c CONFIG --force"):
+        folds.run(cfg)
+
+
+@pytest.mark.parametrize("content", [b"\0" * 500, b"[]", b'{"members": {}}'], ids=["nul-filled", "list", "partial"])
+def test_a_damaged_ensemble_report_is_named_by_summary(tmp_path, content):
+    from pipeline.config import load_config
+    from pipeline.stages import summary
+
+    cfg = load_config("configs/demo.yaml", [f"output.dir={tmp_path}"])
+    (tmp_path / "ensemble.json").write_bytes(content)
+    with pytest.raises(ArtifactError, match=rf"{tmp_path / 'ensemble.json'} is unreadable .*re-run: ./run.sh ensemble"):
+        summary.run(cfg)
