@@ -261,3 +261,56 @@ def test_a_damaged_ensemble_report_is_named_by_summary(tmp_path, content):
     (tmp_path / "ensemble.json").write_bytes(content)
     with pytest.raises(ArtifactError, match=rf"{tmp_path / 'ensemble.json'} is unreadable .*re-run: ./run.sh ensemble"):
         summary.run(cfg)
+
+
+# ---------------------------------------------------------------- what held: hints, code in configs and checkpoints
+
+
+QUICK = ["folds.k=2", "model.backbones=[mobilenetv3_small_050]", "data.image_size=[32,40]", "train.epochs=1",
+         "train.max_batches=1", "train.batch_size=8", "infer.tta=[none]"]
+
+
+def test_ensemble_without_inference_tables_names_the_infer_stage(tmp_path, tiny_data):
+    cfg = make_config(tmp_path, tiny_data, *QUICK)
+    for stage in (folds, train, infer):
+        stage.run(cfg)
+    shutil.rmtree(tmp_path / "run" / "infer" / "mobilenetv3_small_050" / "fold1")
+    with pytest.raises(ArtifactError) as caught:
+        ensemble.run(cfg)
+    message = str(caught.value)
+    assert "infer tables mobilenetv3_small_050 fold 1: missing" in message
+    assert "run: ./run.sh infer -c CONFIG model.backbones=[mobilenetv3_small_050] train.folds=[1]" in message
+    assert "./run.sh train" not in message and "fold 0" not in message
+    stamp = json.loads((tmp_path / "run" / "train" / "mobilenetv3_small_050" / "fold1" / "done.json").read_text())
+    assert stamp["epochs_run"] == 1
+
+
+def test_a_yaml_python_tag_is_refused_and_never_run(tmp_path):
+    from pipeline.config import load_config
+    from pipeline.errors import ConfigError
+
+    marker = tmp_path / "yaml-ran"
+    config = tmp_path / "evil.yaml"
+    config.write_text(f"train:\n  epochs: !!python/object/apply:pathlib.Path.touch [!!python/object/apply:pathlib.Path "
+                      f"['{marker}']]\n")
+    with pytest.raises(ConfigError, match=rf"{config}: not valid YAML"):
+        load_config(config)
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config("configs/demo.yaml", [f"train.epochs=!!python/object/apply:pathlib.Path.touch [{marker}]"])
+    assert not marker.exists()
+
+
+def test_a_checkpoint_holding_python_objects_is_refused_naming_it_and_never_run(tmp_path):
+    import torch
+
+    from pipeline.io import torch_load
+
+    marker = tmp_path / "pickle-ran"
+    path = tmp_path / "best.pt"
+    torch.save({"model": {}, "extra": _Payload(marker)}, path)
+    with pytest.raises(ArtifactError, match=rf"{path}: cannot load checkpoint"):
+        torch_load(path)
+    assert not marker.exists()
+    path.write_bytes(b"\0" * 1000)
+    with pytest.raises(ArtifactError, match=rf"{path}: cannot load checkpoint"):
+        torch_load(path)
