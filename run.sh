@@ -2,6 +2,7 @@
 # maskfold: one entry point.
 #   ./run.sh                 set up if needed, generate the demo data, run every stage, print a summary
 #   ./run.sh test [ARGS]     set up if needed, run the tests (ARGS go to pytest)
+#   ./run.sh test-faults     set up if needed, kill every stage at every fault point (tests/test_faults.py, minutes)
 #   ./run.sh all -c CFG      every stage on another config (real data: no generation, no held-out scoring)
 #   ./run.sh <stage> ARGS    one stage (./run.sh stages lists them; the list lives in pipeline/stages/__init__.py)
 #   ./run.sh dashboard -c CFG [--port N]   the Optuna dashboard for tune.storage, on 127.0.0.1
@@ -46,6 +47,7 @@ cmd=${1:-demo}
 case "$cmd" in
   setup) setup ;;
   test) setup; exec "$PY" -m pytest "$@" ;;
+  test-faults) setup; MASKFOLD_FULL_FAULTS=1 exec "$PY" -m pytest tests/test_faults.py "$@" ;;
   demo) setup; run_all configs/demo.yaml 1 "$@" ;;
   all)
     setup
@@ -53,7 +55,7 @@ case "$cmd" in
     cfg=$2; shift 2
     run_all "$cfg" 0 "$@" ;;
   stages) setup; exec "$PY" -m pipeline --list ;;
-  -h|--help|help) sed -n '2,9p' "$0" ;;
+  -h|--help|help) sed -n '2,10p' "$0" ;;
   -*) echo "unknown option '$cmd' (try ./run.sh help)" >&2; exit 2 ;;
   *) setup; exec "$PY" -m pipeline "$cmd" "$@" ;;  # the stage list (and its usage message) is pipeline's
 esac

@@ -26,7 +26,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline.errors import ArtifactError, MissingArtifactError, StaleArtifactError
+from pipeline.errors import ArtifactError, MissingArtifactError, StaleArtifactError, WriteError
 from pipeline.io import atomic_write_json, git_commit, stable_hash
 
 STAMP = "done.json"
@@ -36,7 +36,8 @@ BEST, LAST, VAL_PROBS, METRICS = "best.pt", "last.pt", "val_probs.npz", "metrics
 EVAL_PROBS, VAL_PROBS_TTA = "eval_probs.npz", "val_probs_tta.npz"
 # sections of the config a training job depends on; locations and worker counts are not among them
 JOB_SECTIONS = ("data", "folds", "model", "train", "augment")
-JOB_IGNORED = {"data": ("root", "cache_dir", "label_fixes", "num_workers"), "train": ("folds", "threads")}
+JOB_IGNORED = {"data": ("root", "cache_dir", "label_fixes", "num_workers"), "folds": ("dir",),
+               "train": ("folds", "threads")}
 
 
 def output_dir(cfg: dict, *parts: str) -> Path:
@@ -92,11 +93,14 @@ class Artifact:
 
     def read_stamp(self) -> dict | None:
         try:
-            return json.loads(self.stamp_path.read_text())
+            stamp = json.loads(self.stamp_path.read_text())
+            if not isinstance(stamp, dict):
+                raise ValueError(f"a JSON {type(stamp).__name__}, not an object")
+            return stamp
         except FileNotFoundError:
             return None
-        except (OSError, ValueError) as error:
-            raise ArtifactError(f"{self.what}: stamp {self.stamp_path} is unreadable ({error}); "
+        except (OSError, ValueError) as error:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+            raise ArtifactError(f"{self.what}: stamp {self.stamp_path} is unreadable ({str(error)[:200]}); "
                                 f"delete it and run: {self.remedy}") from error
 
     def state(self) -> tuple[str, str]:
@@ -147,19 +151,27 @@ class Artifact:
         flock, by hand: the kernel drops it when its process dies, so a lock left by a killed run
         never blocks the next one; the `filelock` package cannot say which process holds a lock.
         """
-        self.lock_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.lock_path, "a+") as handle:
+        try:
+            self.lock_path.parent.mkdir(parents=True, exist_ok=True)
+            handle = open(self.lock_path, "a+b", buffering=0)  # unbuffered: a full disk fails at write, here
+        except OSError as error:
+            raise WriteError(f"{self.what}: cannot create its lock file {self.lock_path}: "
+                             f"{error.strerror or error}") from error
+        with handle:
             try:
                 fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 handle.seek(0)
-                holder = handle.read().strip() or "another process"
+                holder = handle.read(300).decode(errors="replace").strip() or "another process"
                 raise ArtifactError(f"{self.what}: {self.folder} is in use by {holder}; wait for it to finish "
                                     f"or stop it, then run again") from None
             handle.seek(0)
             handle.truncate()
-            handle.write(f"process {os.getpid()} ({' '.join(sys.argv)[:200]})\n")
-            handle.flush()
+            try:
+                handle.write(f"process {os.getpid()} ({' '.join(sys.argv)[:200]})\n".encode())
+            except OSError as error:
+                raise WriteError(f"{self.what}: cannot write its lock file {self.lock_path}: "
+                                 f"{error.strerror or error}") from error
             try:
                 yield self
             finally:

@@ -7,6 +7,7 @@ for byte. A file made for other data is refused, never reused or overwritten.
 """
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +16,8 @@ from sklearn.model_selection import StratifiedGroupKFold
 
 from pipeline import labels
 from pipeline.artifacts import Artifact
-from pipeline.errors import DataError, MaskfoldError
+from pipeline.data.layout import read_csv
+from pipeline.errors import ArtifactError, DataError, MaskfoldError
 from pipeline.io import atomic_write_text, stable_hash
 
 
@@ -60,13 +62,21 @@ def assign_folds(table: pd.DataFrame, k: int, seed: int, old_age: int) -> pd.Dat
     return pd.DataFrame({"person_id": people["person_id"], "fold": people["person_id"].map(fold_of).astype(int)})
 
 
-def write_folds(cfg: dict, table: pd.DataFrame) -> dict:
-    """Assign and write the folds file and its stamp; returns per-fold counts."""
+def folds_csv(cfg: dict, table: pd.DataFrame) -> str:
+    """The folds file's text for this data: the same inputs always give the same bytes."""
+    folds = assign_folds(table, cfg["folds"]["k"], cfg["folds"]["seed"], cfg["data"]["old_age"])
+    return folds.to_csv(index=False, lineterminator="\n")
+
+
+def write_folds(cfg: dict, table: pd.DataFrame, text: str | None = None) -> dict:
+    """Write the folds file (unless `text` is already its content) and its stamp; returns per-fold counts."""
     artifact = folds_artifact(cfg, table)
-    k, seed, old = cfg["folds"]["k"], cfg["folds"]["seed"], cfg["data"]["old_age"]
-    folds = assign_folds(table, k, seed, old)
+    k, old = cfg["folds"]["k"], cfg["data"]["old_age"]
     artifact.invalidate()
-    atomic_write_text(folds_path(cfg), folds.to_csv(index=False, lineterminator="\n"))
+    if text is None:
+        text = folds_csv(cfg, table)
+        atomic_write_text(folds_path(cfg), text)
+    folds = pd.read_csv(io.StringIO(text), dtype={"person_id": str, "fold": int})
     people = person_table(table, old).merge(folds, on="person_id")
     per_fold = {int(f): {"people": int((people["fold"] == f).sum()),
                          "strata": people.loc[people["fold"] == f, "stratum"].value_counts().sort_index().to_dict()}
@@ -79,8 +89,13 @@ def load_folds(cfg: dict, table: pd.DataFrame) -> pd.Series:
     """Fold of every image row; the folds file must exist and have been made for this data."""
     folds_artifact(cfg, table).require()
     path = folds_path(cfg)
-    folds = pd.read_csv(path, dtype={"person_id": str, "fold": int})
-    fold_of = dict(zip(folds["person_id"], folds["fold"]))
+    try:
+        folds = read_csv(path, ("person_id", "fold"))
+        if not folds["fold"].str.fullmatch(r"\d+").all():
+            raise DataError([f"{path}: column fold holds something other than fold numbers"])
+    except DataError as error:  # stamped, then damaged (a disk error, an edit by hand)
+        raise ArtifactError(f"{'; '.join(error.problems)}; re-run: ./run.sh folds -c CONFIG --force") from error
+    fold_of = dict(zip(folds["person_id"], folds["fold"].astype(int)))
     missing = sorted(set(table["person_id"]) - set(fold_of))
     if missing:
         raise MaskfoldError(f"{path}: no fold for {len(missing)} people, e.g. {missing[:3]}; "

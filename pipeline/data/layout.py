@@ -38,18 +38,49 @@ def eval_images(root) -> Path:
     return Path(root) / "eval" / "images"
 
 
+def quoted(value, limit: int = 40) -> str:
+    """A short, escaped repr of text read from a file, for messages: a NUL-filled or one-line 300 KB file
+    must not be echoed whole."""
+    text = str(value)
+    if len(text) <= limit:
+        return repr(text)
+    return f"{text[:limit]!r}... ({len(text)} characters)"
+
+
+def _short_values(error: Exception, value) -> str:
+    """A message that quotes `value` (labels words it), with the value quoted short."""
+    return str(error).replace(repr(value), quoted(value))
+
+
 def read_csv(path, columns) -> pd.DataFrame:
-    """All columns as strings (ids keep leading zeros); missing file or columns name the file."""
+    """All columns as strings (ids keep leading zeros); a missing, empty, binary or unparsable file, or
+    missing columns, name the file and quote at most a few short, escaped pieces of it."""
     path = Path(path)
     if not path.exists():
         raise DataError([f"{path}: file not found"])
     try:
+        with open(path, "rb") as handle:
+            head = handle.read(1 << 16)
+    except OSError as error:  # a folder, no permission, an I/O error
+        raise DataError([f"{path}: cannot read ({error.strerror or error})"]) from error
+    if not head:
+        raise DataError([f"{path}: empty file (0 bytes); expected a CSV with columns {', '.join(columns)}"])
+    if head.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise DataError([f"{path}: UTF-16 text (it starts with a UTF-16 byte-order mark); save it as UTF-8"])
+    if b"\0" in head:
+        raise DataError([f"{path}: holds NUL bytes (a binary file, or one zero-filled by a crash), not a CSV; "
+                         f"starts with {quoted(head[:16].decode('latin-1'))}"])
+    try:
         frame = pd.read_csv(path, dtype=str, keep_default_na=False)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as error:
-        raise DataError([f"{path}: not a readable CSV ({str(error).strip()})"]) from error
+        detail = str(error).strip()
+        detail = detail if len(detail) <= 200 else f"{detail[:200]}..."
+        raise DataError([f"{path}: not a readable CSV ({detail})"]) from error
     missing = [c for c in columns if c not in frame.columns]
     if missing:
-        raise DataError([f"{path}: missing column(s) {', '.join(missing)} (found: {', '.join(frame.columns)})"])
+        found = ", ".join(quoted(c) for c in frame.columns[:8]) + (
+            f" and {len(frame.columns) - 8} more" if len(frame.columns) > 8 else "")
+        raise DataError([f"{path}: missing column(s) {', '.join(missing)} (found: {found})"])
     return frame
 
 
@@ -72,35 +103,35 @@ def read_people(root) -> tuple[pd.DataFrame, list[str], list[str]]:
     folder_row: dict[str, int] = {}
     id_row: dict[str, int] = {}
     for index, row in enumerate(frame.itertuples(index=False), start=1):
-        where = f"{path} row {index} (id {row.id!r})"
+        where = f"{path} row {index} (id {quoted(row.id)})"
         pid = str(row.id).strip()
         folder = str(row.path).strip()
         if not pid:
             problems.append(f"{where}: empty id")
             continue
         if folder in folder_row:
-            problems.append(f"{where}: duplicate of row {folder_row[folder]} (same id and folder {folder!r})"
+            problems.append(f"{where}: duplicate of row {folder_row[folder]} (same id and folder {quoted(folder)})"
                             if frame.iloc[folder_row[folder] - 1]["id"].strip() == pid else
-                            f"{where}: folder {folder!r} already belongs to row {folder_row[folder]}")
+                            f"{where}: folder {quoted(folder)} already belongs to row {folder_row[folder]}")
             continue
         if pid in id_row:
             warnings.append(f"{where}: id also used by row {id_row[pid]} for another folder; "
-                            f"kept as a separate person keyed by folder {folder!r}")
+                            f"kept as a separate person keyed by folder {quoted(folder)}")
         folder_row[folder] = index
         id_row.setdefault(pid, index)
         if not _safe_relative(folder) or len(Path(folder).parts) != 1:
-            problems.append(f"{where}: path {folder!r} must be a folder name inside train/images")
+            problems.append(f"{where}: path {quoted(folder)} must be a folder name inside train/images")
             continue
         valid, gender, age = True, -1, -1
         try:
             gender = labels.gender_of(row.gender)
         except ValueError as error:
-            problems.append(f"{where}: {error}")
+            problems.append(f"{where}: {_short_values(error, row.gender)}")
             valid = False
         try:
             age = int(str(row.age).strip())
         except ValueError:
-            problems.append(f"{where}: age {row.age!r} is not an integer")
+            problems.append(f"{where}: age {quoted(row.age)} is not an integer")
             valid = False
         else:
             if not MIN_AGE <= age <= MAX_AGE:
@@ -140,23 +171,23 @@ def read_label_fixes(path) -> pd.DataFrame:
     fixes = read_csv(path, FIX_COLUMNS)
     problems = []
     for index, row in enumerate(fixes.itertuples(index=False), start=1):
-        where = f"{path} row {index} (id {row.id!r})"
+        where = f"{path} row {index} (id {quoted(row.id)})"
         if row.field == "gender":
             try:
                 labels.gender_of(row.value)
             except ValueError as error:
-                problems.append(f"{where}: {error}")
+                problems.append(f"{where}: {_short_values(error, row.value)}")
         elif row.field == "age":
             if not str(row.value).isdigit():
-                problems.append(f"{where}: age {row.value!r} is not an integer")
+                problems.append(f"{where}: age {quoted(row.value)} is not an integer")
             elif not MIN_AGE <= int(row.value) <= MAX_AGE:
                 problems.append(f"{where}: age {row.value} is outside {MIN_AGE}..{MAX_AGE}")
         elif row.field == "swap_mask":
             pair = str(row.value).split(":")
             if len(pair) != 2 or any(p not in labels.MASK_BY_STEM for p in pair):
-                problems.append(f"{where}: swap_mask value must be 'stemA:stemB', got {row.value!r}")
+                problems.append(f"{where}: swap_mask value must be 'stemA:stemB', got {quoted(row.value)}")
         else:
-            problems.append(f"{where}: unknown field {row.field!r} (gender, age or swap_mask)")
+            problems.append(f"{where}: unknown field {quoted(row.field)} (gender, age or swap_mask)")
     if problems:
         raise DataError(problems)
     return fixes
@@ -246,11 +277,11 @@ def load_eval(cfg: dict, strict: bool = True) -> tuple[pd.DataFrame, list[str]]:
     for index, image_id in enumerate(frame["ImageID"], start=1):
         where = f"{path} row {index}"
         if not _safe_relative(image_id) or len(Path(image_id).parts) != 1:
-            problems.append(f"{where}: ImageID {image_id!r} would leave {folder}")
+            problems.append(f"{where}: ImageID {quoted(image_id)} would leave {folder}")
             files.append("")
             continue
         if image_id in seen:
-            problems.append(f"{where}: ImageID {image_id!r} repeats row {seen[image_id]}")
+            problems.append(f"{where}: ImageID {quoted(image_id)} repeats row {seen[image_id]}")
         seen[image_id] = index
         file = folder / image_id
         if not file.is_file():

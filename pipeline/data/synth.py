@@ -31,7 +31,7 @@ import numpy as np
 
 from pipeline.artifacts import Artifact
 from pipeline.errors import MaskfoldError
-from pipeline.io import atomic_write_bytes, atomic_write_text
+from pipeline.io import atomic_write_bytes, atomic_write_text, parallel
 from pipeline.labels import GENDER_NAMES, IMAGE_STEMS, OFFICIAL_OLD, age_band, class_index, mask_of
 
 # Bump when the renderer or the sampling changes: it is part of the config hash, so old output is redone.
@@ -598,7 +598,7 @@ def generate(cfg: dict) -> dict:
     """Render the demo dataset into synth.out (made ready by prepare_folder); returns what the stamp records.
 
     Writes every file but the stamp: the caller seals the artifact last."""
-    from joblib import Parallel, delayed
+    from joblib import delayed
     from tqdm import tqdm
 
     section = cfg["synth"]
@@ -629,7 +629,7 @@ def generate(cfg: dict) -> dict:
              for p in evals]
     print(f"[synth] rendering {people_n} train + {eval_n} eval people ({7 * (people_n + eval_n)} images, "
           f"{size[0]}x{size[1]}) into {out} with {workers} worker(s)")
-    results = Parallel(n_jobs=workers, return_as="generator")(jobs)
+    results = parallel(workers, return_as="generator")(jobs)
     records = list(tqdm(results, total=len(jobs), desc="synth", unit="person"))
     train_records, eval_records = records[:people_n], records[people_n:]
 

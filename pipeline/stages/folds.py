@@ -1,7 +1,7 @@
 """folds stage: person-grouped, stratified folds (pipeline.data.folds), shared by every backbone and run."""
 from __future__ import annotations
 
-from pipeline.data.folds import folds_artifact, folds_path, write_folds
+from pipeline.data.folds import folds_artifact, folds_csv, folds_path, write_folds
 from pipeline.data.layout import load_train
 from pipeline.errors import StaleArtifactError
 from pipeline.stages import stage_main
@@ -22,6 +22,18 @@ def _make(cfg: dict, table, artifact, force: bool) -> dict:
         return {"path": str(path)}
     if status == "stale" and not force:
         raise StaleArtifactError(message)  # shared by every run of this data: never overwritten silently
+    if status == "missing" and path.exists() and not force:
+        # no fingerprint: a run killed between the file and its stamp, or a file from elsewhere
+        text = folds_csv(cfg, table)
+        if path.read_bytes() != text.encode():
+            raise StaleArtifactError(
+                f"folds file {path} has no fingerprint ({artifact.stamp_path} not found) and is not the folds this "
+                f"data gives with folds.k={cfg['folds']['k']} folds.seed={cfg['folds']['seed']}: it may have been "
+                f"made for other data or by hand, and every run of this data shares it, so it was left as it is. "
+                f"Restore its fingerprint to keep it, or replace it: ./run.sh folds -c CONFIG --force")
+        write_folds(cfg, table, text)
+        print(f"[folds] {path} had no fingerprint; it holds the folds of this data: fingerprint written")
+        return {"path": str(path)}
     per_fold = write_folds(cfg, table)
     print(f"[folds] wrote {path}")
     for fold, counts in per_fold.items():

@@ -4,10 +4,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pandas as pd
-
 from pipeline.artifacts import output_dir
-from pipeline.errors import MaskfoldError, MissingArtifactError
+from pipeline.data.layout import read_csv
+from pipeline.errors import ArtifactError, MaskfoldError, MissingArtifactError
 from pipeline.evaluate.metrics import macro_f1
 from pipeline.io import atomic_write_text
 from pipeline.stages import stage_main
@@ -19,19 +18,31 @@ def heldout_f1(cfg: dict, submission: Path) -> float | None:
     answers = Path(cfg["data"]["root"]) / HELDOUT_NAME
     if not answers.exists():
         return None
-    truth = pd.read_csv(answers, dtype={"ImageID": str})
-    predicted = pd.read_csv(submission, dtype={"ImageID": str})
-    merged = predicted.merge(truth[["ImageID", "ans"]], on="ImageID", suffixes=("_pred", "_true"), validate="1:1")
+    truth, predicted = read_csv(answers, ("ImageID", "ans")), read_csv(submission, ("ImageID", "ans"))
+    for path, frame in ((answers, truth), (submission, predicted)):
+        if frame["ImageID"].duplicated().any() or not frame["ans"].str.fullmatch(r"\d+").all():
+            raise MaskfoldError(f"{path}: every ImageID once with an integer ans, expected")
+    merged = predicted.merge(truth[["ImageID", "ans"]], on="ImageID", suffixes=("_pred", "_true"))
     if len(merged) != len(truth):
         raise MaskfoldError(f"{submission} covers {len(merged)} of {len(truth)} held-out images")
-    return macro_f1(merged["ans_true"], merged["ans_pred"])
+    return macro_f1(merged["ans_true"].astype(int), merged["ans_pred"].astype(int))
+
+
+def _read_report(path: Path) -> dict:
+    try:
+        report = json.loads(path.read_text())
+        if not isinstance(report, dict) or not {"members", "ensemble", "tta", "submission"} <= set(report):
+            raise ValueError("not an ensemble report")
+        return report
+    except (OSError, ValueError) as error:  # a damaged file: JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise ArtifactError(f"{path} is unreadable ({str(error)[:200]}); re-run: ./run.sh ensemble -c CONFIG") from error
 
 
 def run(cfg: dict, force: bool = False, timings: str | None = None, score_heldout: bool = False) -> str:
     path = output_dir(cfg, "ensemble.json")
     if not path.exists():
         raise MissingArtifactError(f"{path} not found; run: ./run.sh ensemble -c CONFIG")
-    ensemble = json.loads(path.read_text())
+    ensemble = _read_report(path)
     rows = [("backbone", "weight", "OOF F1", "OOF F1 +TTA", "mask", "gender", "age")]
     for backbone, member in ensemble["members"].items():
         o, t = member["oof"], member["oof_tta"]
