@@ -146,11 +146,11 @@ def _tail(log: str, lines: int = 15) -> str:
 
 
 def _normalised(value):
-    """A JSON or checkpoint value without its timings (images_per_s), tensors as digests."""
+    """A JSON or checkpoint value without its timings (images_per_s, data_wait), tensors as digests."""
     import torch
 
     if isinstance(value, dict):
-        return {k: _normalised(v) for k, v in sorted(value.items()) if k != "images_per_s"}
+        return {k: _normalised(v) for k, v in sorted(value.items()) if k not in ("images_per_s", "data_wait")}
     if isinstance(value, (list, tuple)):
         return [_normalised(v) for v in value]
     if isinstance(value, torch.Tensor):
