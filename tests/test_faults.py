@@ -12,6 +12,7 @@ MASKFOLD_FAULT_SEED picks the draws (default 9).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -137,7 +138,8 @@ class Workdir:
         return process, str(log)
 
 
-def _tail(log: str, lines: int = 15) -> str:
+def _tail(log: str) -> str:
+    """The end of a stage's log, less progress bars."""
     text = Path(log).read_text(errors="replace").replace("\r", "\n")
     return "\n".join(line for line in text.splitlines() if line.strip() and "it/s]" not in line)[-3000:]
 
@@ -154,8 +156,12 @@ def _normalised(value):
     if isinstance(value, (list, tuple)):
         return [_normalised(v) for v in value]
     if isinstance(value, torch.Tensor):
-        return (str(value.dtype), tuple(value.shape), io.stable_hash(value.detach().cpu().numpy().tobytes().hex()))
+        return str(value.dtype), tuple(value.shape), _digest(value.detach().cpu().numpy().tobytes())
     return value
+
+
+def _digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
 
 
 def outcome(root: Path) -> dict:
@@ -173,7 +179,7 @@ def outcome(root: Path) -> dict:
         if not path.is_file() or "tb" in rel.parts or (path.name.startswith(".") and path.name.endswith(".lock")):
             continue
         if rel.parts[0] == "cache":
-            cache.append(io.stable_hash(path.read_bytes().hex(), 16))
+            cache.append(_digest(path.read_bytes()))
         elif path.suffix == ".pt":
             files[str(rel)] = _normalised(torch.load(path, map_location="cpu", weights_only=True))
         elif path.name == "metrics.jsonl":
@@ -185,7 +191,7 @@ def outcome(root: Path) -> dict:
                 data.pop("key"), data.pop("token")
             files[str(rel)] = data
         else:
-            files[str(rel)] = io.stable_hash(path.read_bytes().hex(), 16)
+            files[str(rel)] = _digest(path.read_bytes())
     files["cache/*"] = sorted(cache)
     return files
 
@@ -272,7 +278,9 @@ class AtWrite:
         assert count, f"{self.stage} never writes a path containing {self.part!r}"
         n = self.n or rng.randint(1, count)
         status, log = reference.work.run(self.stage, MASKFOLD_KILL_AT=f"{self.part}:{n}:{self.moment}")
-        where = f"{self.stage}: {self.what} (write {n} of {count} matching {self.part!r}, {self.moment} its rename)"
+        moment = {"during": "killed half-way through it", "before": "killed before its rename",
+                  "after": "killed after its rename"}[self.moment]
+        where = f"{self.stage}: {self.what} (write {n} of {count} matching {self.part!r}, {moment})"
         assert status == -signal.SIGKILL, f"{where}: never reached, exit {status}:\n{_tail(log)}"
         return where
 
