@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import difflib
 import math
+import reprlib
 from collections.abc import Collection
 from typing import Annotated, Any, Literal
 
@@ -353,6 +354,14 @@ def _check_folds_exist(key: str, chosen: list[int] | None, folds: FoldsSection |
 
 # ---- from pydantic errors to one line per key ----
 
+def _short(value, limit: int = 120) -> str:
+    """A value's repr, cut: a YAML alias bomb expands to gigabytes, and its error must not quote them."""
+    short = reprlib.Repr()
+    short.maxstring, short.maxother, short.maxlist, short.maxdict, short.maxlevel = limit, limit, 8, 8, 3
+    text = short.repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 def config_problems(cfg: dict, known_keys: Collection[str]) -> list[str]:
     """Every problem of a merged config, one `<key> = <value!r>: <allowed>` line per bad key; [] when valid.
 
@@ -370,7 +379,7 @@ def _validation_problems(sections: dict, known_keys: Collection[str]) -> list[st
         lines = {}
         for item in error.errors():
             key, value, allowed = _describe(item, sections)
-            lines.setdefault(key, f"{key} = {value!r}: {allowed}")
+            lines.setdefault(key, f"{key} = {_short(value)}: {allowed}")
         return list(lines.values())
     return []
 

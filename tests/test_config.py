@@ -180,3 +180,13 @@ def test_label_fixes_follow_data_root(tmp_path):
 def test_a_placeholder_naming_no_key_is_an_error():
     with pytest.raises(ConfigError, match=r"data\.label_fixes = '\{data\.rot\}/x\.csv': .*did you mean \{data\.root\}"):
         load_config("configs/demo.yaml", ["data.label_fixes={data.rot}/x.csv"])
+
+
+def test_a_yaml_alias_bomb_is_refused_without_quoting_its_expansion(tmp_path):
+    levels = ["&a0 [1, 2, 3, 4, 5, 6, 7, 8, 9]"]
+    levels += [f"&a{n} [" + ", ".join([f"*a{n - 1}"] * 9) + "]" for n in range(1, 6)]  # 9**6 values in all
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text("train:\n  epochs:\n" + "".join(f"    - {level}\n" for level in levels))
+    with pytest.raises(ConfigError) as error:
+        load_config(str(bomb))
+    assert "train.epochs = [[1, 2, 3" in str(error.value) and len(str(error.value)) < 1000

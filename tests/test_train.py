@@ -140,6 +140,14 @@ def test_pretrained_file_loads_a_timm_weights_file_without_network(tmp_path, mon
     assert not torch.equal(fresh.backbone.conv1[0].weight, source.conv1[0].weight)
 
 
+@pytest.mark.parametrize("payload", [b"\0" * 4096, b"not a checkpoint at all"])
+def test_a_pretrained_file_without_weights_is_refused_naming_it(tmp_path, payload):
+    bad = tmp_path / "weights.pth"
+    bad.write_bytes(payload)
+    with pytest.raises(ConfigError, match=r"model.pretrained_files: .*weights.pth holds no usable resnet10t weights"):
+        MaskNet("resnet10t", pretrained_file=bad)
+
+
 def test_a_missing_pretrained_file_is_named(tmp_path):
     with pytest.raises(ConfigError, match="nothere.pth"):
         MaskNet("resnet10t", pretrained_file=tmp_path / "nothere.pth")
