@@ -119,6 +119,23 @@ print("held", flush=True); time.sleep(60)
     assert train.run(cfg)[0]["epochs_run"] == 1
 
 
+def test_tensorboard_on_a_full_disk_names_its_folder(tmp_path, tiny_data, monkeypatch):
+    import errno
+
+    from torch.utils import tensorboard
+
+    from pipeline.errors import WriteError
+
+    def full_disk(self, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(tensorboard.SummaryWriter, "__init__", full_disk)
+    cfg = make_config(tmp_path, tiny_data, *FAST, "train.epochs=1", "train.max_batches=1")
+    folds.run(cfg)
+    with pytest.raises(WriteError, match=r"cannot write TensorBoard scalars in .*fold0/tb: No space left on device"):
+        train.run(cfg)
+
+
 def test_checkpoints_load_with_weights_only(tmp_path, tiny_data):
     run_job(tmp_path, tiny_data)
     for name in ("best.pt", "last.pt"):

@@ -24,7 +24,7 @@ from tqdm import tqdm
 from pipeline import labels
 from pipeline.artifacts import LAST, METRICS, VAL_PROBS, Artifact, train_artifact
 from pipeline.data.dataset import TrainData, load_train_data
-from pipeline.errors import StaleArtifactError
+from pipeline.errors import StaleArtifactError, WriteError
 from pipeline.evaluate.metrics import score_probs
 from pipeline.evaluate.tables import save_probs
 from pipeline.io import atomic_write_text, write_provenance
@@ -175,12 +175,26 @@ def validate(cfg: dict, job: Job) -> tuple[dict, dict]:
     return probs, score_probs(probs, job.val_table["label"].to_numpy())
 
 
+def _scalar_writer(artifact: Artifact, purge_step: int):
+    """TensorBoard's writer for the job; a full disk or other OS error names the folder."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    try:
+        return SummaryWriter(log_dir=str(artifact.path("tb")), purge_step=purge_step)
+    except OSError as error:
+        raise WriteError(f"cannot write TensorBoard scalars in {artifact.path('tb')}: {error.strerror or error}") from error
+
+
 def _log_epoch(artifact: Artifact, writer, state: LoopState, record: dict, improved: bool, job: Job) -> None:
     atomic_write_text(artifact.path(METRICS), "".join(json.dumps(r) + "\n" for r in state.history))
-    for key, value in record.items():
-        if key != "epoch":
-            writer.add_scalar(key, value, record["epoch"])
-    writer.flush()
+    try:
+        for key, value in record.items():
+            if key != "epoch":
+                writer.add_scalar(key, value, record["epoch"])
+        writer.flush()
+    except OSError as error:
+        raise WriteError(f"cannot write TensorBoard scalars in {artifact.path('tb')}: {error.strerror or error}; "
+                         f"epoch {record['epoch']}'s checkpoint is saved") from error
     print(f"[train] {job.backbone} fold {job.fold} epoch {record['epoch']}: val F1 {record['val_f1']:.4f} "
           f"(mask {record['val_f1_mask']:.3f} gender {record['val_f1_gender']:.3f} age {record['val_f1_age']:.3f}) "
           f"{record['images_per_s']:.0f} img/s{'  *best' if improved else ''}")
@@ -225,9 +239,7 @@ def _train(cfg: dict, artifact: Artifact, backbone: str, fold: int, data: TrainD
         print(f"[train] {backbone} fold {fold}: resuming from {artifact.path(LAST)} at epoch {state.epoch}")
     write_provenance(artifact.folder, cfg, job.seed, {"job_key": artifact.key, "data_fingerprint": data.fingerprint,
                                                       "backbone": backbone, "fold": fold})
-    from torch.utils.tensorboard import SummaryWriter
-
-    with SummaryWriter(log_dir=str(artifact.path("tb")), purge_step=state.epoch) as writer:
+    with _scalar_writer(artifact, state.epoch) as writer:
         while not state.finished(cfg["train"]["epochs"], cfg["train"]["patience"]):
             record = _epoch(cfg, job, artifact, state)
             _log_epoch(artifact, writer, state, record, record["epoch"] == state.best_epoch, job)
