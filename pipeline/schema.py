@@ -358,7 +358,10 @@ def _short(value, limit: int = 120) -> str:
     """A value's repr, cut: a YAML alias bomb expands to gigabytes, and its error must not quote them."""
     short = reprlib.Repr()
     short.maxstring, short.maxother, short.maxlist, short.maxdict, short.maxlevel = limit, limit, 8, 8, 3
-    text = short.repr(value)
+    if isinstance(value, dict) and len(value) <= short.maxdict:  # reprlib would sort the keys
+        text = "{" + ", ".join(f"{short.repr(k)}: {short.repr(v)}" for k, v in value.items()) + "}"
+    else:
+        text = short.repr(value)
     return text if len(text) <= limit else text[:limit] + "..."
 
 
