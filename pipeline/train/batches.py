@@ -136,11 +136,11 @@ class DeviceBatches:
         return self.batches
 
     def epoch(self, epoch_seed: int):
-        order = draw_order(len(self.rows), epoch_seed, self.weights)
+        order = draw_order(len(self.rows), epoch_seed, self.weights).to(self.rows.device)  # one copy per epoch
         for step in range(self.batches):
             positions = order[step * self.batch_size:(step + 1) * self.batch_size]
-            on_device = positions.to(self.device, non_blocking=True)
-            yield (take(self.store, self.rows[positions.to(self.rows.device)], self.device),
+            on_device = positions.to(self.device)  # the same tensor unless the cache stayed on the host
+            yield (take(self.store, self.rows[positions], self.device),
                    {k: v[on_device] for k, v in self.targets.items()})
 
 

@@ -73,6 +73,7 @@ def check_input_size(cfg: dict, backbone: str) -> None:
     """Build `backbone` for data.image_size on the meta device (no memory, no weights) and run one forward;
     refuse the config naming the backbone and the sizes it accepts if that fails."""
     width, height = cfg["data"]["image_size"]
+    model = None
     try:
         with torch.device("meta"):
             model = timm.create_model(backbone, pretrained=False, num_classes=0, **size_kwargs(backbone, (width, height)))
@@ -80,7 +81,7 @@ def check_input_size(cfg: dict, backbone: str) -> None:
     except Exception as error:  # noqa: BLE001 - any failure here means "this size does not work"
         pretrained_cfg = timm.get_pretrained_cfg(backbone)
         native = pretrained_cfg.input_size[1:] if pretrained_cfg else None
-        patch = getattr(getattr(locals().get("model"), "patch_embed", None), "patch_size", None)
+        patch = getattr(getattr(model, "patch_embed", None), "patch_size", None)
         fixed = bool(pretrained_cfg and pretrained_cfg.fixed_input_size)
         accepts = (f"its native size {native[1]}x{native[0]} (w x h)" if fixed and native else
                    f"sizes that are multiples of its patch size {tuple(patch)}" if patch else "other sizes")
