@@ -35,8 +35,6 @@ from pipeline.stages import synth as synth_stage  # noqa: E402
 from pipeline.train import loop  # noqa: E402
 from pipeline.train.model import build_model, prepare_model, resolve_device  # noqa: E402
 from pipeline.train.predict import _forward_views, eval_normalize, predict, tta_views  # noqa: E402
-from pipeline.train.losses import loss_fn  # noqa: E402
-from pipeline.train.schedule import make_optimizer  # noqa: E402
 
 
 def sync(device: torch.device) -> None:
@@ -55,11 +53,11 @@ def timed_rate(fn, images_per_call: int, warmup: int, steps: int, device: torch.
     return images_per_call * steps / (time.perf_counter() - started)
 
 
-def train_ceiling(cfg: dict, backbone: str, device: torch.device, warmup: int, steps: int) -> float:
-    """loop._step on random device tensors: no data path at all."""
+def train_ceiling(cfg: dict, job, warmup: int, steps: int) -> float:
+    """loop._step (forward, backward, optimizer, schedule and EMA) on random device tensors: no data path at all."""
     width, height = cfg["data"]["image_size"]
-    batch = cfg["train"]["batch_size"]
-    model = prepare_model(cfg, build_model(cfg, backbone), device).train()
+    batch, device = cfg["train"]["batch_size"], job.device
+    job.model.train()
     images = torch.randn(batch, 3, height, width, device=device)
     if device.type == "cuda" and cfg["train"]["channels_last"]:
         images = images.contiguous(memory_format=torch.channels_last)
@@ -67,11 +65,7 @@ def train_ceiling(cfg: dict, backbone: str, device: torch.device, warmup: int, s
 
     targets = {head: torch.randint(0, size, (batch,), device=device) for head, size in
                {**labels.HEADS, "joint": labels.NUM_CLASSES}.items()}
-    fake = loop.Job(backbone, 0, 0, device, model, make_optimizer(cfg, model), None,
-                    {head: loss_fn(cfg["train"]["loss"], None, cfg["train"]["label_smoothing"],
-                                        cfg["train"]["focal_gamma"])
-                     for head in labels.trained_heads(cfg["model"]["head"])}, None, None, None, None, None)
-    return timed_rate(lambda: loop._step(cfg, fake, images, targets), batch, warmup, steps, device)
+    return timed_rate(lambda: loop._step(cfg, job, images, targets, 0), batch, warmup, steps, device)
 
 
 @torch.no_grad()
@@ -86,9 +80,8 @@ def infer_ceiling(cfg: dict, backbone: str, device: torch.device, tta, warmup: i
                       device)
 
 
-def stage_rates(cfg: dict, backbone: str, data, warmup: int, steps: int) -> dict:
+def stage_rates(cfg: dict, job, warmup: int, steps: int) -> dict:
     """The train stage's epoch loop (steady state) and the evaluation path, on the generated data."""
-    job = loop.build_job(cfg, backbone, 0, data)
     warm = {**cfg, "train": {**cfg["train"], "max_batches": warmup}}
     loop.train_one_epoch(warm, job, 0)  # start-up: cudnn autotuning, allocator, kernels
     timed = {**cfg, "train": {**cfg["train"], "max_batches": steps}}
@@ -119,14 +112,15 @@ def main() -> None:
     args = parser.parse_args()
 
     work = Path(args.work)
-    probe = load_config(args.config, ["model.pretrained=false", *args.overrides])
+    # freeze_epochs=0: the unfrozen step, which most epochs run
+    probe = load_config(args.config, ["model.pretrained=false", "train.freeze_epochs=0", *args.overrides])
     device = resolve_device(probe["train"]["device"])
     cuda = device.type == "cuda"
     people = args.people or (2700 if cuda else 120)
     steps, warmup = args.steps or (60 if cuda else 4), args.warmup or (15 if cuda else 1)
     data_root = work / f"data-{people}"
     cfg = load_config(args.config, [
-        "model.pretrained=false", f"data.root={data_root}", f"synth.out={data_root}", f"synth.people={people}",
+        "model.pretrained=false", "train.freeze_epochs=0", f"data.root={data_root}", f"synth.out={data_root}", f"synth.people={people}",
         f"synth.eval_people={max(3, people * 2 // 3)}", f"data.label_fixes={data_root / 'label_fixes.csv'}",
         f"data.cache_dir={work / 'cache'}", f"folds.dir={work / 'folds'}", f"output.dir={work / 'runs'}",
         *args.overrides])
@@ -140,8 +134,9 @@ def main() -> None:
           f"engine {loop.augment_engine(cfg, device)}; TTA {cfg['infer']['tta']}")
     rows = []
     for backbone in cfg["model"]["backbones"]:
-        ceiling = train_ceiling(cfg, backbone, device, warmup, steps)
-        stage = stage_rates(cfg, backbone, data, warmup, steps)
+        job = loop.build_job(cfg, backbone, 0, data)
+        ceiling = train_ceiling(cfg, job, warmup, steps)
+        stage = stage_rates(cfg, job, warmup, steps)
         few = (max(1, warmup // 3), max(2, steps // 3))
         ceiling_validate = infer_ceiling(cfg, backbone, device, ("none",), *few)
         ceiling_infer = infer_ceiling(cfg, backbone, device, cfg["infer"]["tta"], *few)

@@ -190,9 +190,15 @@ class TrainSection(_Section):
     weight_decay: NonNegative
     momentum: _float(ge=0, lt=1)
     schedule: _one_of("cosine", "step", "plateau", "none")
+    min_lr: NonNegative
     step_size: Count
     gamma: _float(gt=0, le=1)
-    warmup_epochs: CountOrZero
+    plateau_patience: CountOrZero
+    warmup_epochs: NonNegative
+    freeze_epochs: CountOrZero
+    backbone_lr_mult: _float(gt=0, le=10)
+    layer_decay: _described(_float(ge=0, le=1), "0 (off) or a number in (0, 1]")
+    ema_decay: _described(_float(ge=0, lt=1), "0 (off) or a number in (0, 1), e.g. 0.999")
     patience: Count
     loss: _one_of("ce", "focal", "smooth", "f1")
     label_smoothing: _float(ge=0, lt=1)
@@ -208,12 +214,13 @@ class TrainSection(_Section):
     threads: CountOrZero
     max_batches: CountOrZero
 
-    @model_validator(mode="after")
-    def _no_warmup_before_plateau(self):
-        if self.schedule == "plateau" and self.warmup_epochs > 0:
-            raise _refuse("must be 0 with train.schedule=plateau (warmup is not applied before plateau yet): "
-                          "set train.warmup_epochs=0", "train.warmup_epochs")
-        return self
+
+class LogSection(_Section):
+    # YAML reads a bare `off` as false: take it as "off" rather than refuse what the user wrote
+    wandb: _described(Literal["off", "offline", "online", False], "one of off, offline, online")
+    project: _described(Text, "a non-empty W&B project name")
+    entity: _described(Text | None, "null (your default W&B entity) or a team/user name")
+    group: _described(Text | None, "null (the config's name) or a W&B group name")
 
 
 class AugmentSection(_Section):
@@ -326,6 +333,7 @@ class Config(BaseModel):
     synth: SynthSection
     model: ModelSection
     train: TrainSection
+    log: LogSection
     augment: AugmentSection
     infer: InferSection
     ensemble: EnsembleSection

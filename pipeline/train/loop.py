@@ -1,13 +1,19 @@
 """One (backbone, fold) training job: train on the other folds, validate on its own, stop early.
 
 Per job, under <output.dir>/train/<backbone>/fold<k>/:
-  last.pt          every epoch: model, optimizer, scheduler, loop state, RNG state
-  best.pt          model at the best validation macro F1
+  last.pt          every epoch: model, EMA, optimizer, schedule, loop state, RNG state
+  best.pt          model (its EMA when train.ema_decay > 0) at the best validation macro F1
   val_probs.npz    that fold's validation probabilities at the best epoch (per head + 18-class)
-  metrics.jsonl    one line per epoch; tb/ TensorBoard scalars
+  metrics.jsonl    one line per epoch; tb/ TensorBoard scalars; wandb/ with log.wandb (pipeline.train.tracking)
   done.json        the stamp (see pipeline.artifacts), written last
 Every epoch reseeds from (seed, fold, epoch) and every drawn sample's augmentation from its draw
-position, so a job killed anywhere continues from last.pt to exactly where an uninterrupted run ends.
+position, and the LR is a function of the step, so a job killed anywhere continues from last.pt to
+exactly where an uninterrupted run ends.
+
+The recipe: for train.freeze_epochs the backbone is frozen (no gradients, BatchNorm statistics kept)
+and only the head trains; then everything trains, the backbone at train.backbone_lr_mult x the LR
+(and train.layer_decay per layer), its warmup started again. With train.ema_decay, an EMA of the
+weights (timm's ModelEmaV3) is what validation, early stopping, best.pt and so inference see.
 """
 from __future__ import annotations
 
@@ -24,7 +30,7 @@ from tqdm import tqdm
 from pipeline import labels
 from pipeline.artifacts import LAST, METRICS, VAL_PROBS, Artifact, train_artifact
 from pipeline.data.dataset import TrainData, load_train_data
-from pipeline.errors import StaleArtifactError, WriteError
+from pipeline.errors import StaleArtifactError
 from pipeline.evaluate.metrics import score_probs
 from pipeline.evaluate.tables import save_probs
 from pipeline.io import atomic_write_text, write_provenance
@@ -36,7 +42,8 @@ from pipeline.train.batches import (DeviceBatches, ImageDataset, LoaderBatches, 
 from pipeline.train.losses import class_weights, loss_fn
 from pipeline.train.model import autocast, build_model, prepare_model, resolve_device
 from pipeline.train.predict import eval_normalize, predict
-from pipeline.train.schedule import make_optimizer, make_scheduler, step_scheduler
+from pipeline.train.schedule import Schedule, make_optimizer
+from pipeline.train.tracking import RunLog
 
 PROGRESS_EVERY = 25  # steps between progress-bar loss updates (each one reads the loss: a host sync)
 
@@ -49,6 +56,7 @@ class LoopState:
     best_epoch: int = -1
     bad_epochs: int = 0
     history: list = field(default_factory=list)
+    wandb_id: str | None = None  # the job's W&B run, continued on resume (log.wandb)
 
     def improve(self, epoch: int, f1: float) -> bool:
         if f1 > self.best_f1:
@@ -69,14 +77,25 @@ class Job:
     seed: int
     device: torch.device
     model: torch.nn.Module
+    ema: object                              # timm ModelEmaV3, or None (train.ema_decay: 0)
     optimizer: torch.optim.Optimizer
-    scheduler: object
+    schedule: Schedule
     criteria: dict
     batches: LoaderBatches | DeviceBatches   # the training draws, uint8 on the device
     prepare: Normalize                       # uint8 -> model input (with the kornia augmentation, if that engine)
     store: object                            # the uint8 cache validation batches are cut from
     val_rows: np.ndarray
     val_table: object
+    steps_per_epoch: int
+    freeze_epochs: int
+
+    @property
+    def eval_model(self) -> torch.nn.Module:
+        """What validation, best.pt and inference use: the EMA weights when on."""
+        return self.ema.module if self.ema is not None else self.model
+
+    def frozen(self, epoch: int) -> bool:
+        return epoch < self.freeze_epochs
 
 
 def _reseed(seed: int) -> None:
@@ -95,7 +114,13 @@ def build_job(cfg: dict, backbone: str, fold: int, data: TrainData) -> Job:
     seed = t["seed"] * 100 + fold
     _reseed(seed)
     model = prepare_model(cfg, build_model(cfg, backbone), device)
-    optimizer = make_optimizer(cfg, model)
+    optimizer = make_optimizer(cfg, model)  # before any freezing: every parameter has its group
+    ema = None
+    if t["ema_decay"]:
+        from timm.utils import ModelEmaV3
+
+        # decay warmed up (timm's use_warmup): early on the average follows the weights closely
+        ema = ModelEmaV3(model, decay=t["ema_decay"], use_warmup=True)
     train_rows, val_rows = data.split(fold)
     targets = data.train_targets
     criteria = {head: loss_fn(t["loss"], _head_class_weights(cfg, targets[head][train_rows], head),
@@ -112,8 +137,9 @@ def build_job(cfg: dict, backbone: str, fold: int, data: TrainData) -> Job:
         dataset = ImageDataset(data.images, train_transform(cfg), train_rows, targets)
         batches = LoaderBatches(dataset, t["batch_size"], workers, device, weights)
         prepare = Normalize(cfg, device, None, channels_last)
-    return Job(backbone, fold, seed, device, model, optimizer, make_scheduler(cfg, optimizer), criteria,
-               batches, prepare, store, val_rows, data.table.iloc[val_rows])
+    steps = min(len(batches), t["max_batches"] or len(batches))
+    return Job(backbone, fold, seed, device, model, ema, optimizer, Schedule(cfg, optimizer, steps), criteria,
+               batches, prepare, store, val_rows, data.table.iloc[val_rows], steps, t["freeze_epochs"])
 
 
 def _head_class_weights(cfg: dict, head_targets: np.ndarray, head: str):
@@ -122,8 +148,15 @@ def _head_class_weights(cfg: dict, head_targets: np.ndarray, head: str):
     return class_weights(head_targets, {**labels.HEADS, "joint": labels.NUM_CLASSES}[head])
 
 
-def _step(cfg: dict, job: Job, images: torch.Tensor, targets: dict) -> dict:
-    """One optimisation step; returns the per-head losses as device tensors (never read here)."""
+def set_frozen(job: Job, frozen: bool) -> None:
+    """Freeze or unfreeze the backbone's weights (its BatchNorm statistics: see train_one_epoch)."""
+    for parameter in job.model.backbone.parameters():
+        parameter.requires_grad_(not frozen)
+
+
+def _step(cfg: dict, job: Job, images: torch.Tensor, targets: dict, step: int) -> dict:
+    """Optimizer step number `step` of the job; returns the per-head losses as device tensors (never read here)."""
+    job.schedule.set(step)
     with autocast(job.device, cfg["train"]["amp"]):
         outputs = labels.split_logits(job.model(images), cfg["model"]["head"])
     losses = {head: criterion(outputs[head], targets[head]) for head, criterion in job.criteria.items()}
@@ -131,6 +164,8 @@ def _step(cfg: dict, job: Job, images: torch.Tensor, targets: dict) -> dict:
     job.optimizer.zero_grad(set_to_none=True)
     loss.backward()
     job.optimizer.step()
+    if job.ema is not None:
+        job.ema.update(job.model, step=step)
     return losses
 
 
@@ -143,7 +178,11 @@ def train_one_epoch(cfg: dict, job: Job, epoch: int) -> dict:
     _reseed(epoch_seed)  # dropout and the kornia engine's parameters draw from torch's global generators
     coin = torch.Generator().manual_seed(epoch_seed)
     mix = torch.Generator(device=job.device).manual_seed(epoch_seed)
+    frozen = job.frozen(epoch)
+    set_frozen(job, frozen)
     job.model.train()
+    if frozen:
+        job.model.backbone.eval()  # BatchNorm running statistics stay the pretrained ones
     batches = min(len(job.batches), t["max_batches"] or len(job.batches))
     loss_sum = {head: torch.zeros((), device=job.device) for head in job.criteria}
     started, seen, waited = time.perf_counter(), 0, 0.0
@@ -155,7 +194,7 @@ def train_one_epoch(cfg: dict, job: Job, epoch: int) -> dict:
         images = job.prepare(images)
         if t["cutmix_p"] and float(torch.rand(1, generator=coin)) < t["cutmix_p"]:
             images = same_label_cutmix(images, targets["joint"], mix)
-        losses = _step(cfg, job, images, targets)
+        losses = _step(cfg, job, images, targets, epoch * job.steps_per_epoch + step)
         seen += len(images)
         for head, value in losses.items():
             loss_sum[head] += value.detach() * len(images)
@@ -170,31 +209,14 @@ def train_one_epoch(cfg: dict, job: Job, epoch: int) -> dict:
 
 def validate(cfg: dict, job: Job) -> tuple[dict, dict]:
     """Validation probabilities (no augmentation) and their scores against the official labels."""
-    probs = predict(job.model, job.store, job.val_rows, eval_normalize(cfg, job.device), cfg["infer"]["batch_size"],
+    probs = predict(job.eval_model, job.store, job.val_rows, eval_normalize(cfg, job.device), cfg["infer"]["batch_size"],
                     amp=cfg["train"]["amp"], desc="validate")
     return probs, score_probs(probs, job.val_table["label"].to_numpy())
 
 
-def _scalar_writer(artifact: Artifact, purge_step: int):
-    """TensorBoard's writer for the job; a full disk or other OS error names the folder."""
-    from torch.utils.tensorboard import SummaryWriter
-
-    try:
-        return SummaryWriter(log_dir=str(artifact.path("tb")), purge_step=purge_step)
-    except OSError as error:
-        raise WriteError(f"cannot write TensorBoard scalars in {artifact.path('tb')}: {error.strerror or error}") from error
-
-
-def _log_epoch(artifact: Artifact, writer, state: LoopState, record: dict, improved: bool, job: Job) -> None:
+def _log_epoch(artifact: Artifact, run_log: RunLog, state: LoopState, record: dict, improved: bool, job: Job) -> None:
     atomic_write_text(artifact.path(METRICS), "".join(json.dumps(r) + "\n" for r in state.history))
-    try:
-        for key, value in record.items():
-            if key != "epoch":
-                writer.add_scalar(key, value, record["epoch"])
-        writer.flush()
-    except OSError as error:
-        raise WriteError(f"cannot write TensorBoard scalars in {artifact.path('tb')}: {error.strerror or error}; "
-                         f"epoch {record['epoch']}'s checkpoint is saved") from error
+    run_log.log(record)
     print(f"[train] {job.backbone} fold {job.fold} epoch {record['epoch']}: val F1 {record['val_f1']:.4f} "
           f"(mask {record['val_f1_mask']:.3f} gender {record['val_f1_gender']:.3f} age {record['val_f1_age']:.3f}) "
           f"{record['images_per_s']:.0f} img/s{'  *best' if improved else ''}")
@@ -233,16 +255,16 @@ def train_job(cfg: dict, backbone: str, fold: int, data: TrainData | None = None
 def _train(cfg: dict, artifact: Artifact, backbone: str, fold: int, data: TrainData, epoch_callback) -> dict:
     """Build the job, resume it if last.pt is there, and run epochs until it stops; seal the stamp last."""
     job = build_job(cfg, backbone, fold, data)
-    saved = checkpoint.resume(artifact, job.model, job.optimizer, job.scheduler)
+    saved = checkpoint.resume(artifact, job)
     state = LoopState(**saved) if saved else LoopState()
     if saved:
         print(f"[train] {backbone} fold {fold}: resuming from {artifact.path(LAST)} at epoch {state.epoch}")
     write_provenance(artifact.folder, cfg, job.seed, {"job_key": artifact.key, "data_fingerprint": data.fingerprint,
                                                       "backbone": backbone, "fold": fold})
-    with _scalar_writer(artifact, state.epoch) as writer:
+    with RunLog(cfg, artifact, backbone, fold, state.epoch, state) as run_log:
         while not state.finished(cfg["train"]["epochs"], cfg["train"]["patience"]):
             record = _epoch(cfg, job, artifact, state)
-            _log_epoch(artifact, writer, state, record, record["epoch"] == state.best_epoch, job)
+            _log_epoch(artifact, run_log, state, record, record["epoch"] == state.best_epoch, job)
             if epoch_callback is not None:
                 epoch_callback(record["epoch"], record)
     return artifact.seal(backbone=backbone, fold=fold, best_epoch=state.best_epoch, best_f1=state.best_f1,
@@ -254,14 +276,17 @@ def _epoch(cfg: dict, job: Job, artifact: Artifact, state: LoopState) -> dict:
     """Train one epoch, validate, step the schedule, then checkpoint: best.pt and its validation table when
     the F1 improved, and last.pt always, after which a kill resumes from the next epoch."""
     epoch = state.epoch
-    record = {"epoch": epoch, "lr": job.optimizer.param_groups[0]["lr"], **train_one_epoch(cfg, job, epoch)}
+    first = epoch * job.steps_per_epoch
+    record = {"epoch": epoch, "lr": job.schedule.value(first), "lr_backbone": job.schedule.value(first, backbone=True)
+              * cfg["train"]["backbone_lr_mult"], "frozen": int(job.frozen(epoch)),
+              **train_one_epoch(cfg, job, epoch)}
     val_probs, scores = validate(cfg, job)
     record.update({f"val_{k}": v for k, v in scores.items()})
-    step_scheduler(job.scheduler, scores["f1"])
+    job.schedule.observe(scores["f1"])
     if state.improve(epoch, scores["f1"]):
-        checkpoint.save_best(artifact, job.model, job.backbone, job.fold, epoch, scores["f1"])
+        checkpoint.save_best(artifact, job.eval_model, job.backbone, job.fold, epoch, scores["f1"])
         save_probs(artifact.path(VAL_PROBS), job.val_table, val_probs, backbone=job.backbone, fold=job.fold)
     state.history.append(record)
     state.epoch = epoch + 1
-    checkpoint.save_last(artifact, job.model, job.optimizer, job.scheduler, asdict(state))
+    checkpoint.save_last(artifact, job, asdict(state))
     return record

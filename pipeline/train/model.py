@@ -41,6 +41,8 @@ class MaskNet(nn.Module):
                 raise
             raise ConfigError(f"model.pretrained_files: {pretrained_file} holds no usable {backbone} weights "
                               f"({type(error).__name__}: {str(error).splitlines()[0][:200]})") from error
+        if pretrained_file:
+            _check_loaded(self.backbone, pretrained_file, backbone)
         self.head_kind = head
         outputs = labels.num_outputs(head)
         # pooled feature width: head_hidden_size where the model has a pre-logits layer (e.g. MobileNetV3)
@@ -49,6 +51,21 @@ class MaskNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.backbone(x))
+
+
+def _check_loaded(model: nn.Module, pretrained_file, backbone: str) -> None:
+    """timm loads the weights of a model built without its classifier non-strictly, so a file made for
+    another architecture loads nothing and leaves random weights without a word. Refuse a file that
+    holds under half of the backbone's tensors (by name and shape; a resampled position embedding
+    differs in shape and is the only expected miss)."""
+    from timm.models import load_state_dict  # weights_only=True, safetensors or torch files
+
+    saved = load_state_dict(str(pretrained_file))
+    own = model.state_dict()
+    found = sum(1 for name, tensor in own.items() if name in saved and tuple(saved[name].shape) == tuple(tensor.shape))
+    if found < len(own) / 2:
+        raise ConfigError(f"model.pretrained_files: {pretrained_file} holds no usable {backbone} weights (only {found} "
+                          f"of its {len(own)} tensors are in the file): is it a timm state dict of {backbone}?")
 
 
 def build_model(cfg: dict, backbone: str, for_inference: bool = False) -> MaskNet:
