@@ -154,6 +154,8 @@ def test_a_frozen_backbone_keeps_its_weights_and_batchnorm_statistics_then_train
     for name, tensor in before.items():
         assert torch.equal(after[name], tensor), name
     assert not torch.equal(_state(job.model.head)["1.weight"], head_before["1.weight"])
+    # frozen means no backward through the backbone at all, not only a zero learning rate
+    assert all(p.grad is None for p in job.model.backbone.parameters())
 
     loop.train_one_epoch(cfg, job, 1)  # unfrozen: weights and statistics move
     moved = _state(job.model.backbone)
