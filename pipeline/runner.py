@@ -144,7 +144,11 @@ def _run_on_ray(cfg: dict, stage: str, jobs: dict[str, tuple], work, prepare, fo
             while pending:
                 [ready], _ = ray.wait(pending, num_returns=1)
                 name = names[ready]
-                value = _next_value(ray, ready, name)
+                try:
+                    value = _next_value(ray, ready, name, cfg["runner"]["max_retries"])
+                except Exception:
+                    bar.write(f"[{stage}] {name} failed")
+                    raise
                 if name not in started:  # the task's first yield: it is running
                     started[name] = time.perf_counter()
                     bar.write(f"[{stage}] started {name} on {value[0]} (pid {value[1]})")
@@ -160,7 +164,7 @@ def _run_on_ray(cfg: dict, stage: str, jobs: dict[str, tuple], work, prepare, fo
     return [results[name] for name in jobs]
 
 
-def _next_value(ray, generator, name: str):
+def _next_value(ray, generator, name: str, retries: int):
     """The next value a job's task yields; its error as the MaskfoldError it raised, or one naming the job."""
     try:
         return ray.get(next(generator))
@@ -169,7 +173,7 @@ def _next_value(ray, generator, name: str):
             raise error.cause from None
         raise
     except ray.exceptions.RayError as error:  # its worker or machine died more often than Ray retries
-        raise MaskfoldError(f"job {name}: {type(error).__name__} after runner.max_retries retries: "
+        raise MaskfoldError(f"job {name}: {type(error).__name__} after {retries} retries (runner.max_retries): "
                             f"{str(error).strip().splitlines()[0][:300]}") from error
 
 

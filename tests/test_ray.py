@@ -16,7 +16,7 @@ import torch
 
 from pipeline import runner
 from pipeline.config import load_config
-from pipeline.errors import MaskfoldError
+from pipeline.errors import DataError, MaskfoldError
 from pipeline.io import load_npz
 from pipeline.stages import folds, oof, train, tune
 from pipeline.train.loop import train_job
@@ -147,6 +147,19 @@ def test_a_job_on_a_machine_that_cannot_see_the_data_refuses_to_start_naming_the
     (tmp_path / "run").mkdir(exist_ok=True)
     with pytest.raises(MaskfoldError, match=r"cannot see output\.dir \S*run of the run"):
         runner.require_visible(cfg, tmp_path / "run" / ".runner-0123456789ab")
+
+
+def test_an_expected_error_in_a_ray_job_reaches_the_driver_as_itself(ray_cluster, data_copy, tmp_path):
+    cfg = make_config(tmp_path, data_copy, *TINY, *ON_RAY)
+    folds.run(cfg)
+    load_train_data(cfg)
+    lost = next((data_copy / "train" / "images").glob("*/mask1.*"))
+    lost.unlink()  # after the driver's checks: only the job finds out
+    with pytest.raises(DataError) as error:
+        runner.run_jobs(cfg, "train", {"mobilenetv3_small_050 fold 0": ("mobilenetv3_small_050", 0)},
+                        train_job, load_train_data)
+    assert len(error.value.problems) == 1 and lost.parent.name in error.value.problems[0]
+    assert str(error.value).startswith("1 data problem(s):\n  - ") and lost.parent.name in str(error.value)
 
 
 def test_tune_runs_its_trials_in_ray_workers_on_one_storage(ray_cluster, tiny_data, tmp_path, capsys):
