@@ -85,6 +85,8 @@ def connect(cfg: dict):
     address = cfg["runner"]["address"]
     try:
         if address is None:
+            # Ray starts its workers at niceness 15: beside any other process, a job would get the leftovers
+            os.environ.setdefault("RAY_worker_niceness", "0")
             # "local": a Ray of this run's own, even when another runs on this machine
             ray.init(address="local", include_dashboard=False)
         else:

@@ -101,6 +101,11 @@ def test_ray_runs_the_jobs_in_worker_processes_at_once_and_ends_as_the_local_run
     assert_same_as_local(tmp_path / "run", local_run)
 
 
+def test_ray_jobs_run_at_the_priority_of_the_local_runner(ray_cluster):
+    # Ray's default niceness (15) would leave a job only what other processes of the machine do not take
+    assert ray_cluster.get(ray_cluster.remote(lambda: os.nice(0)).remote()) == os.nice(0)
+
+
 def kill_the_job_once(folder, seen: dict) -> None:
     """SIGKILL the process that holds the job folder's lock (a Ray worker) once it has saved an epoch and is not
     done; then note how many epochs the first metrics.jsonl written after the kill holds (1 if it started over)."""
