@@ -120,6 +120,9 @@ def job_resources(cfg: dict) -> tuple[dict, int | None]:
     return wanted, (None if on_gpus else cpus)
 
 
+UNITS = {"num_cpus": "CPU", "num_gpus": "GPU"}
+
+
 def _run_on_ray(cfg: dict, stage: str, jobs: dict[str, tuple], work, prepare, force: bool) -> list:
     from tqdm import tqdm
 
@@ -129,15 +132,15 @@ def _run_on_ray(cfg: dict, stage: str, jobs: dict[str, tuple], work, prepare, fo
         # build_job sets torch's threads from train.threads: make it the CPUs Ray gave the job
         cfg = {**cfg, "train": {**cfg["train"], "threads": threads}}
     marker = _shared_marker(cfg)
-    options = dict(max_retries=cfg["runner"]["max_retries"], retry_exceptions=False,  # a job's error is no crash
-                   runtime_env={"env_vars": {"TQDM_DISABLE": "1"}},  # per-epoch bars would flood the driver's log
-                   **resources)
-    task = ray.remote(_ray_job)
-    names = {task.options(name=f"{stage} {name}", **options).remote(cfg, work, prepare, args, force, os.getcwd(),
-                                                                     str(marker)): name
+    # resources in ray.remote itself, not .options(): there, num_gpus also gives each GPU job a fresh worker
+    # process (Ray's max_calls=1), so no job inherits another's GPU memory or CUDA device
+    task = ray.remote(max_retries=cfg["runner"]["max_retries"], retry_exceptions=False,  # a job's error is no crash
+                      runtime_env={"env_vars": {"TQDM_DISABLE": "1"}},  # per-epoch bars would flood the driver's log
+                      **resources)(_ray_job)
+    names = {task.options(name=f"{stage} {name}").remote(cfg, work, prepare, args, force, os.getcwd(), str(marker)): name
              for name, args in jobs.items()}
     where = "a Ray started on this machine" if cfg["runner"]["address"] is None else cfg["runner"]["address"]
-    asks = ", ".join(f"{amount:g} {kind.removeprefix('num_').upper().rstrip('S')}" for kind, amount in resources.items())
+    asks = " and ".join(f"{amount:g} {UNITS[kind]}" for kind, amount in resources.items())
     print(f"[{stage}] {len(jobs)} jobs on {where}, each asking for {asks}")
     results, started = {}, {}
     pending = list(names)

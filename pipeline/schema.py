@@ -24,7 +24,7 @@ from pydantic_core import PydanticCustomError
 TTA_VIEWS = "none, hflip or scale:<factor > 0>"
 SPACE_TYPES = ("float", "int", "categorical")
 STORAGE_URL = r"^(sqlite:///.+|journal:.+|(postgresql|mysql)(\+\w+)?://.+|env:[A-Za-z_][A-Za-z0-9_]*)$"
-RAY_ADDRESS = r"^(auto|(ray://)?[^\s/:]+:\d+)$"
+RAY_ADDRESS = r"^(auto|[^\s/:]+:\d+)$"
 
 
 # ---- building blocks: a type plus the sentence that says what it allows ----
@@ -286,8 +286,8 @@ class TuneSection(_Section):
 class RunnerSection(_Section):
     mode: _one_of("local", "ray")
     address: _described(Annotated[str, Field(pattern=RAY_ADDRESS)] | None,
-                         "null (start Ray on this machine), auto (the cluster this machine is a node of), "
-                         "HOST:PORT (its head) or ray://HOST:PORT (Ray Client)")
+                         "null (start Ray on this machine), or auto or HEAD_HOST:PORT: the cluster this machine "
+                         "is a node of (not ray://: Ray Client cannot stream the jobs' progress)")
     cpus_per_job: _described(Count | None, "null (train.threads, or 1 when that is 0) or an integer >= 1")
     gpus_per_job: _float(gt=0, le=1)
     max_retries: CountOrZero

@@ -16,7 +16,7 @@ import torch
 
 from pipeline import runner
 from pipeline.config import load_config
-from pipeline.errors import DataError, MaskfoldError
+from pipeline.errors import ConfigError, DataError, MaskfoldError
 from pipeline.io import load_npz
 from pipeline.stages import folds, oof, train, tune
 from pipeline.train.loop import train_job
@@ -165,6 +165,26 @@ def test_an_expected_error_in_a_ray_job_reaches_the_driver_as_itself(ray_cluster
                         train_job, load_train_data)
     assert len(error.value.problems) == 1 and lost.parent.name in error.value.problems[0]
     assert str(error.value).startswith("1 data problem(s):\n  - ") and lost.parent.name in str(error.value)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("runner.mode=rey", r"runner\.mode = 'rey': must be one of local, ray"),
+    ("runner.address=ray://head:10001", r"runner\.address = 'ray://head:10001': must be null .*not ray://"),
+    ("runner.cpus_per_job=0", r"runner\.cpus_per_job = 0: must be null \(train\.threads"),
+    ("runner.gpus_per_job=2", r"runner\.gpus_per_job = 2: must be a number in \(0, 1\]"),
+])
+def test_runner_values_are_checked_when_the_config_loads(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config("configs/demo.yaml", [override])
+
+
+def test_jobs_no_machine_of_the_cluster_can_take_are_refused_before_any_starts(ray_cluster):
+    most = int(ray_cluster.cluster_resources()["CPU"])
+    with pytest.raises(ConfigError, match=rf"runner\.cpus_per_job: a job asks for {most + 1} CPUs but no machine"):
+        runner.job_resources(load_config("configs/demo.yaml", [*ON_RAY, f"runner.cpus_per_job={most + 1}"]))
+    if not ray_cluster.cluster_resources().get("GPU"):
+        with pytest.raises(ConfigError, match=r"train\.device is 'cuda' but no machine of the Ray cluster has a GPU"):
+            runner.job_resources(load_config("configs/demo.yaml", [*ON_RAY, "train.device=cuda"]))
 
 
 def test_tune_runs_its_trials_in_ray_workers_on_one_storage(ray_cluster, tiny_data, tmp_path, capsys):
