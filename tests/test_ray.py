@@ -5,6 +5,7 @@ the whole module: starting Ray takes seconds."""
 import json
 import os
 import re
+import shutil
 import signal
 import threading
 import time
@@ -18,7 +19,7 @@ from pipeline import runner
 from pipeline.config import load_config
 from pipeline.errors import ConfigError, DataError, MaskfoldError
 from pipeline.io import load_npz
-from pipeline.stages import folds, oof, train, tune
+from pipeline.stages import folds, infer, oof, train, tune
 from pipeline.train.loop import train_job
 from pipeline.data.dataset import load_train_data
 from tests.conftest import make_config
@@ -49,6 +50,7 @@ def run_train(tmp, data, *overrides):
 def local_run(tiny_data, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("local")
     run_train(tmp, tiny_data)
+    infer.run(make_config(tmp, tiny_data, *TINY))
     return tmp / "run"
 
 
@@ -99,6 +101,20 @@ def test_ray_runs_the_jobs_in_worker_processes_at_once_and_ends_as_the_local_run
     assert len(set(pids.values())) == 2 and os.getpid() not in pids.values()  # two Ray workers, not this process
     assert printed.count("[train] finished mobilenetv3_small_050 fold") == 2
     assert_same_as_local(tmp_path / "run", local_run)
+
+
+def test_infer_on_ray_writes_the_local_runners_tables(ray_cluster, tiny_data, local_run, tmp_path, capsys):
+    shutil.copytree(local_run / "train", tmp_path / "run" / "train")  # the same checkpoints
+    cfg = make_config(tmp_path, tiny_data, *TINY, *ON_RAY)
+    folds.run(cfg)
+    infer.run(cfg)
+    assert len(worker_pids(capsys.readouterr().out, "infer")) == 2
+    tables = sorted((local_run / "infer").rglob("*.npz"))
+    assert len(tables) == 4
+    for table in tables:
+        got = load_npz(tmp_path / "run" / table.relative_to(local_run))
+        for key, value in load_npz(table).items():
+            np.testing.assert_array_equal(got[key], value)
 
 
 def test_ray_jobs_run_at_the_priority_of_the_local_runner(ray_cluster):
