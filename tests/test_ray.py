@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from pipeline import runner
-from pipeline.config import load_config
+from pipeline import study as study_lib
+from pipeline.config import load_config, with_values
 from pipeline.errors import ConfigError, DataError, MaskfoldError
 from pipeline.io import load_npz
 from pipeline.stages import folds, infer, oof, train, tune
@@ -201,6 +202,14 @@ def test_jobs_no_machine_of_the_cluster_can_take_are_refused_before_any_starts(r
     if not ray_cluster.cluster_resources().get("GPU"):
         with pytest.raises(ConfigError, match=r"train\.device is 'cuda' but no machine of the Ray cluster has a GPU"):
             runner.job_resources(load_config("configs/demo.yaml", [*ON_RAY, "train.device=cuda"]))
+
+
+def test_tune_refuses_one_sqlite_file_for_workers_on_several_machines(tmp_path):
+    cfg = load_config("configs/demo.yaml", [f"tune.storage=sqlite:///{tmp_path}/optuna.db"])
+    study_lib.require_shared_storage(cfg, machines=1)
+    with pytest.raises(ConfigError, match=r"tune\.storage sqlite:///.*workers on 3 machines .* postgresql://"):
+        study_lib.require_shared_storage(cfg, machines=3)
+    study_lib.require_shared_storage(with_values(cfg, {"tune.storage": f"journal:{tmp_path}/j.log"}), machines=3)
 
 
 def test_tune_runs_its_trials_in_ray_workers_on_one_storage(ray_cluster, tiny_data, tmp_path, capsys):
