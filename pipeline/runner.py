@@ -226,7 +226,8 @@ def require_visible(cfg: dict, marker: Path) -> None:
                             f"(README, 'Many GPUs and machines')")
 
 
-_CONTEXTS: dict = {}  # this worker process's prepared context, kept for its next job of the same run
+# this worker process's prepared context, for its next job of the same run (on CPU: a GPU job's worker ends with it)
+_CONTEXTS: dict = {}
 
 
 def _context(prepare, cfg: dict):
