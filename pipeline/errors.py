@@ -20,6 +20,9 @@ class DataError(MaskfoldError, ValueError):
         more = f"\n  ... and {len(self.problems) - 50} more" if len(self.problems) > 50 else ""
         super().__init__(f"{len(self.problems)} data problem(s):\n  - {shown}{more}")
 
+    def __reduce__(self):  # rebuilt from its problems, not its message, when it crosses processes (Ray)
+        return type(self), (self.problems,)
+
 
 class ArtifactError(MaskfoldError, RuntimeError):
     """An artifact a stage needs is missing, incomplete or was made from other inputs."""

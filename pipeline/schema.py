@@ -24,6 +24,7 @@ from pydantic_core import PydanticCustomError
 TTA_VIEWS = "none, hflip or scale:<factor > 0>"
 SPACE_TYPES = ("float", "int", "categorical")
 STORAGE_URL = r"^(sqlite:///.+|journal:.+|(postgresql|mysql)(\+\w+)?://.+|env:[A-Za-z_][A-Za-z0-9_]*)$"
+RAY_ADDRESS = r"^(auto|[^\s/:]+:\d+)$"
 
 
 # ---- building blocks: a type plus the sentence that says what it allows ----
@@ -289,6 +290,16 @@ class TuneSection(_Section):
         return self
 
 
+class RunnerSection(_Section):
+    mode: _one_of("local", "ray")
+    address: _described(Annotated[str, Field(pattern=RAY_ADDRESS)] | None,
+                         "null (start Ray on this machine), or auto or HEAD_HOST:PORT: the cluster this machine "
+                         "is a node of (not ray://: Ray Client cannot stream the jobs' progress)")
+    cpus_per_job: _described(Count | None, "null (train.threads, or 1 when that is 0) or an integer >= 1")
+    gpus_per_job: _float(gt=0, le=1)
+    max_retries: CountOrZero
+
+
 def _space_entry_problem(entry: dict, known_keys: Collection[str] | None) -> str | None:
     """What is wrong with one tune.space entry (structure only; values are tried in `_space_value_problems`)."""
     param, kind = entry.get("param"), entry.get("type")
@@ -338,6 +349,7 @@ class Config(BaseModel):
     infer: InferSection
     ensemble: EnsembleSection
     tune: TuneSection
+    runner: RunnerSection
 
     @field_validator("train")
     @classmethod

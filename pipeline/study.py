@@ -12,6 +12,7 @@ median pruner stops hopeless trials. The best values are written back as a loada
 from __future__ import annotations
 
 import os
+import socket
 import time
 from pathlib import Path
 
@@ -21,10 +22,11 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from pipeline.artifacts import output_dir
 from pipeline.config import with_values
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, MaskfoldError
 from pipeline.io import atomic_write_json, atomic_write_text, git_commit, redacted
 
 PARAM_TYPES = ("float", "int", "categorical")
+FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
 
 
 def storage_url(cfg: dict) -> str:
@@ -57,6 +59,18 @@ def make_storage(cfg: dict):
         url, heartbeat_interval=t["heartbeat_s"], grace_period=t["grace_s"],
         heartbeat_stale_trial_callback=optuna.storages.RetryFailedTrialCallback(max_retry=t["max_retry"]),
         engine_kwargs={"pool_pre_ping": True} if not url.startswith("sqlite") else None)
+
+
+def require_shared_storage(cfg: dict, machines: int) -> None:
+    """Workers on several machines need a storage they all reach safely: not one SQLite file."""
+    if machines > 1 and storage_url(cfg).startswith("sqlite"):
+        raise ConfigError(f"tune.storage {redacted(storage_url(cfg))}: workers on {machines} machines cannot share one "
+                          f"SQLite file (its locks do not hold on network filesystems); use postgresql://... "
+                          f"(or journal:FILE on the shared filesystem)")
+
+
+def finished_trials(study: optuna.Study) -> int:
+    return sum(trial.state in FINISHED for trial in study.trials)
 
 
 def load_study(cfg: dict) -> optuna.Study:
@@ -104,6 +118,7 @@ def objective_for(cfg: dict, data):
     backbone = t["backbone"] or cfg["model"]["backbones"][0]
 
     def objective(trial: optuna.Trial) -> float:
+        trial.set_user_attr("worker", f"{socket.gethostname()} pid {os.getpid()}")  # where it ran (Ray: any machine)
         values = suggest(trial, t["space"])
         trial_cfg = trial_config(cfg, values, trial.number)
         scores, step = [], 0
@@ -122,6 +137,22 @@ def objective_for(cfg: dict, data):
         return float(sum(scores) / len(scores))
 
     return objective
+
+
+def run_trials(cfg: dict, worker: int, data, force: bool = False) -> int:
+    """One worker's share of the study: trials until `tune.trials` have finished across all workers, however
+    many there are (this process, others started by hand, Ray tasks); returns how many this one ran."""
+    t = cfg["tune"]
+    study = load_study(cfg)
+    done = finished_trials(study)
+    if done >= t["trials"]:
+        return 0
+    before = len(study.trials)
+    # MaxTrialsCallback counts every worker's trials, so N workers together stop at tune.trials.
+    # Only expected errors fail a trial quietly; a bug stops the study with its traceback.
+    study.optimize(objective_for(cfg, data), n_trials=t["trials"] - done,
+                   callbacks=[optuna.study.MaxTrialsCallback(t["trials"], states=FINISHED)], catch=(MaskfoldError,))
+    return len(study.trials) - before
 
 
 def write_best(cfg: dict, study: optuna.Study) -> Path | None:

@@ -1,4 +1,5 @@
-"""Everything the (backbone, fold) jobs of one run share: image rows, folds, decoded pixels, targets."""
+"""Everything the (backbone, fold) jobs of one run share: image rows, folds, decoded pixels, targets (and, for
+inference, the eval images)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -8,8 +9,8 @@ import pandas as pd
 
 from pipeline import labels
 from pipeline.data.folds import load_folds
-from pipeline.data.images import cached_images
-from pipeline.data.layout import data_fingerprint, load_train
+from pipeline.data.images import cached_images, files_key
+from pipeline.data.layout import data_fingerprint, load_eval, load_train
 
 
 @dataclass
@@ -42,6 +43,28 @@ def load_train_data(cfg: dict) -> TrainData:
     band = labels.age_band(table["age"].to_numpy(), cfg["data"]["train_old_age"])
     targets = labels.targets(table["mask"].to_numpy(), table["gender"].to_numpy(), band)
     return TrainData(table, fold, images, targets, data_fingerprint(table))
+
+
+@dataclass
+class InferData:
+    train: TrainData
+    eval_table: pd.DataFrame  # info.csv's rows, in its order
+    eval_key: str             # identity of the eval image files (path, size, mtime)
+    eval_images: np.ndarray
+    _stores: dict = field(default_factory=dict, repr=False)
+
+    def stores(self, device) -> dict:
+        """{"train": ..., "eval": ...} uint8 caches on `device` (see resident), made once per process."""
+        if str(device) not in self._stores:
+            self._stores[str(device)] = {"train": self.train.store(device), "eval": resident(self.eval_images, device)}
+        return self._stores[str(device)]
+
+
+def load_infer_data(cfg: dict) -> InferData:
+    train = load_train_data(cfg)
+    eval_table, _ = load_eval(cfg)
+    return InferData(train, eval_table, files_key(eval_table["file"]),
+                     cached_images(cfg, eval_table["file"], desc="decode eval"))
 
 
 def resident(images: np.ndarray, device):

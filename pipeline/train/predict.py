@@ -15,12 +15,13 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from pipeline import labels
-from pipeline.artifacts import BEST, EVAL_PROBS, VAL_PROBS_TTA, Artifact
+from pipeline.artifacts import BEST, EVAL_PROBS, VAL_PROBS_TTA, Artifact, infer_artifact, train_artifact
+from pipeline.data.dataset import InferData
 from pipeline.evaluate.tables import save_probs
-from pipeline.io import torch_load
+from pipeline.io import torch_load, write_provenance
 from pipeline.train.augment import Normalize
 from pipeline.train.batches import eval_batches
-from pipeline.train.model import MaskNet, autocast, build_model, prepare_model
+from pipeline.train.model import MaskNet, autocast, build_model, prepare_model, resolve_device
 
 
 def tta_views(x: torch.Tensor, tta) -> list[torch.Tensor]:
@@ -105,3 +106,24 @@ def predict_fold(cfg: dict, model: MaskNet, data, fold: int, eval_table, stores:
     eval_probs = predict(model, stores["eval"], np.arange(len(eval_table)), normalize, batch, tta, amp,
                          desc=f"f{fold} eval")
     save_probs(out.path(EVAL_PROBS), eval_table, eval_probs, fold=fold)
+
+
+def infer_job(cfg: dict, backbone: str, fold: int, inputs: InferData, force: bool = False):
+    """One fold model's inference tables under <output.dir>/infer/<backbone>/fold<k>/, made from its current
+    checkpoint, TTA and eval images; skipped when they already are (unless `force`). Returns the folder."""
+    job = train_artifact(cfg, backbone, fold, inputs.train.fingerprint)
+    out = infer_artifact(cfg, backbone, fold, job.read_stamp()["token"], inputs.eval_key)
+    device = resolve_device(cfg["train"]["device"])
+    with out.lock():
+        if out.is_fresh() and not force:
+            print(f"[infer] {out.state()[1]}; skipping (--force to redo)")
+            return out.folder
+        out.invalidate()
+        model = load_best_model(cfg, job, backbone, device)
+        predict_fold(cfg, model, inputs.train, fold, inputs.eval_table, inputs.stores(device), device, out)
+        write_provenance(out.folder, cfg, cfg["train"]["seed"], {"train_job": job.key, "data_fingerprint":
+                                                                 inputs.train.fingerprint, "tta": cfg["infer"]["tta"]})
+        out.seal(backbone=backbone, fold=fold)
+    print(f"[infer] {backbone} fold {fold}: {len(inputs.eval_table)} eval images and its validation images, "
+          f"TTA {cfg['infer']['tta']}")
+    return out.folder
