@@ -87,7 +87,6 @@ class Job:
     val_rows: np.ndarray
     val_table: object
     steps_per_epoch: int
-    freeze_epochs: int
 
     @property
     def eval_model(self) -> torch.nn.Module:
@@ -95,7 +94,7 @@ class Job:
         return self.ema.module if self.ema is not None else self.model
 
     def frozen(self, epoch: int) -> bool:
-        return epoch < self.freeze_epochs
+        return self.schedule.frozen(epoch)
 
 
 def _reseed(seed: int) -> None:
@@ -139,7 +138,7 @@ def build_job(cfg: dict, backbone: str, fold: int, data: TrainData) -> Job:
         prepare = Normalize(cfg, device, None, channels_last)
     steps = min(len(batches), t["max_batches"] or len(batches))
     return Job(backbone, fold, seed, device, model, ema, optimizer, Schedule(cfg, optimizer, steps), criteria,
-               batches, prepare, store, val_rows, data.table.iloc[val_rows], steps, t["freeze_epochs"])
+               batches, prepare, store, val_rows, data.table.iloc[val_rows], steps)
 
 
 def _head_class_weights(cfg: dict, head_targets: np.ndarray, head: str):

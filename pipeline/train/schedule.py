@@ -56,7 +56,8 @@ class Schedule:
         self.total = t["epochs"] * self.steps_per_epoch
         self.warmup = round(t["warmup_epochs"] * self.steps_per_epoch)
         self.decay_every = t["step_size"] * self.steps_per_epoch
-        self.unfreeze = t["freeze_epochs"] * self.steps_per_epoch
+        self.freeze_epochs = t["freeze_epochs"]
+        self.unfreeze = self.freeze_epochs * self.steps_per_epoch
         self.patience = t["plateau_patience"]
         self.plateau = {"best": None, "bad": 0, "cuts": 0}
 
@@ -71,6 +72,10 @@ class Schedule:
         if self.kind == "plateau":
             return max(self.min_lr, self.lr * self.gamma ** self.plateau["cuts"])
         return self.lr
+
+    def frozen(self, epoch: int) -> bool:
+        """Whether the backbone rests in `epoch` (train.freeze_epochs): LR 0 here, no gradients in the loop."""
+        return epoch < self.freeze_epochs
 
     def value(self, step: int, backbone: bool = False) -> float:
         """train.lr's value at `step` for the head, or for the backbone (0 while frozen, then warmed up again)."""
