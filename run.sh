@@ -3,7 +3,9 @@
 #   ./run.sh                 set up if needed, generate the demo data, run every stage, print a summary
 #   ./run.sh test [ARGS]     set up if needed, run the tests (ARGS go to pytest)
 #   ./run.sh test-faults     set up if needed, kill every stage at every fault point (tests/test_faults.py, minutes)
+#   ./run.sh demo [k=v ...]  the demo with overrides, e.g. ./run.sh demo data.crop.mode=detect
 #   ./run.sh all -c CFG      every stage on another config (real data: no generation, no held-out scoring)
+#   ./run.sh -c CFG [k=v ..] the same as all -c CFG; with configs/demo.yaml, the demo (generated, scored)
 #   ./run.sh <stage> ARGS    one stage (./run.sh stages lists them; the list lives in pipeline/stages/__init__.py)
 #   ./run.sh dashboard -c CFG [--port N]   the Optuna dashboard for tune.storage, on 127.0.0.1
 #   ./run.sh setup           only create/refresh .venv
@@ -15,12 +17,14 @@ PY="$VENV/bin/python"
 
 setup() {
   local want have=""
-  want=$(sha256sum requirements.txt | cut -d' ' -f1)
+  want=$(cat requirements.txt requirements-nodeps.txt | sha256sum | cut -d' ' -f1)
   [ -f "$VENV/.requirements.sha256" ] && have=$(cat "$VENV/.requirements.sha256")
   if [ -x "$PY" ] && [ "$want" = "$have" ]; then return 0; fi
   echo "[setup] installing requirements.txt into $VENV (first run takes a few minutes)" >&2
   [ -x "$PY" ] || python3 -m venv "$VENV"
   "$PY" -m pip install --quiet --disable-pip-version-check -r requirements.txt >&2
+  # stale pins in their metadata would pull old torch/numpy/Pillow: see the file's header
+  "$PY" -m pip install --quiet --disable-pip-version-check --no-deps -r requirements-nodeps.txt >&2
   echo "$want" > "$VENV/.requirements.sha256"
 }
 
@@ -55,7 +59,12 @@ case "$cmd" in
     cfg=$2; shift 2
     run_all "$cfg" 0 "$@" ;;
   stages) setup; exec "$PY" -m pipeline --list ;;
-  -h|--help|help) sed -n '2,10p' "$0" ;;
+  -c|--config)
+    setup
+    [ $# -gt 0 ] || { echo "usage: ./run.sh -c CONFIG [key=value ...]" >&2; exit 2; }
+    cfg=$1; shift
+    if [ "$(basename "$cfg")" = demo.yaml ]; then run_all "$cfg" 1 "$@"; else run_all "$cfg" 0 "$@"; fi ;;
+  -h|--help|help) sed -n '2,12p' "$0" ;;
   -*) echo "unknown option '$cmd' (try ./run.sh help)" >&2; exit 2 ;;
   *) setup; exec "$PY" -m pipeline "$cmd" "$@" ;;  # the stage list (and its usage message) is pipeline's
 esac

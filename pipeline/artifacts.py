@@ -35,9 +35,10 @@ STAMP = "done.json"
 BEST, LAST, VAL_PROBS, METRICS = "best.pt", "last.pt", "val_probs.npz", "metrics.jsonl"
 EVAL_PROBS, VAL_PROBS_TTA = "eval_probs.npz", "val_probs_tta.npz"
 # sections of the config a training job depends on; locations and worker counts are not among them
-JOB_SECTIONS = ("data", "folds", "model", "train", "augment")
-JOB_IGNORED = {"data": ("root", "cache_dir", "label_fixes", "num_workers"), "folds": ("dir",),
-               "train": ("folds", "threads")}
+JOB_SECTIONS = ("data", "faces", "folds", "model", "train", "augment")
+JOB_IGNORED = {"data": ("root", "cache_dir", "label_fixes", "num_workers"), "faces": ("dir", "sheet_people"),
+               "folds": ("dir",), "train": ("folds", "threads")}
+BOXES, FACES_REPORT, CONTACT_SHEET = "boxes.csv", "report.md", "contact_sheet.png"
 
 
 def output_dir(cfg: dict, *parts: str) -> Path:
@@ -79,6 +80,7 @@ class Artifact:
     stamp_name: str = STAMP
     outputs: tuple[str, ...] = field(default_factory=tuple)
     shared_folder: bool = False  # the artifact is files in a folder others share (folds/, output.dir)
+    cache_dir: str | None = None  # where pixel manifests are kept, so a stale message can name changed images
 
     @property
     def key(self) -> str:
@@ -110,12 +112,25 @@ class Artifact:
             return "missing", f"{self.what}: missing ({self.stamp_path} not found); run: {self.remedy}"
         if stamp.get("key") != self.key:
             changes = identity_changes(stamp.get("identity", {}), self.identity) or "unknown inputs"
+            changes += self._changed_images(stamp.get("identity", {}))
             return "stale", f"{self.what}: stale, made from other inputs ({changes}); re-run: {self.remedy}"
         gone = [name for name in self.outputs if not self.path(name).exists()]
         if gone:
             return "missing", (f"{self.what}: incomplete ({', '.join(str(self.path(n)) for n in gone)} missing); "
                                f"run: {self.remedy}")
         return "fresh", f"{self.what}: up to date ({self.folder})"
+
+    def _changed_images(self, before: dict) -> str:
+        """'; images: train/images/x/mask1.jpg changed' for each pixel key that differs (pipeline/data/pixels.py)."""
+        if self.cache_dir is None:
+            return ""
+        from pipeline.data.pixels import changed_files
+
+        old, new = _flatten(before), _flatten(self.identity)
+        named = [changed_files(self.cache_dir, old[k], new[k]) for k in sorted(new)
+                 if k.split(".")[-1] == "pixels" and k in old and old[k] != new[k]]
+        named = [text for text in named if text]
+        return f"; images: {'; '.join(named)}" if named else ""
 
     def is_fresh(self) -> bool:
         return self.state()[0] == "fresh"
@@ -217,32 +232,49 @@ def job_config(cfg: dict, backbone: str) -> dict:
     sample, not per worker, and the data fingerprint stands for the data itself.
     """
     job = {section: copy.deepcopy(cfg[section]) for section in JOB_SECTIONS}
+    if cfg["data"]["crop"]["mode"] == "box":  # margins and the face finder's settings crop nothing then
+        job["data"]["crop"].pop("margin")
+        job.pop("faces")
     job["model"]["backbones"] = [backbone]
     job["model"]["pretrained_files"] = {k: v for k, v in cfg["model"]["pretrained_files"].items() if k == backbone}
     for section, keys in JOB_IGNORED.items():
         for key in keys:
-            job[section].pop(key, None)
+            job.get(section, {}).pop(key, None)
     return job
 
 
-def train_artifact(cfg: dict, backbone: str, fold: int, fingerprint: str) -> Artifact:
+def faces_artifact(cfg: dict, image_set: str, pixels: str) -> Artifact:
+    """The boxes table of one image set ("train" or "eval"), in a folder named by everything it is made
+    from (the pixels, the face finder's settings, the fallback box): runs on the same data share it, and a
+    table for other settings never replaces another's."""
+    from pipeline.data.faces import settings
+
+    identity = {"image_set": image_set, "pixels": pixels, "faces": settings(cfg),
+                "fallback_box": list(cfg["data"]["crop"]["box"])}
+    return Artifact(
+        what=f"faces table ({image_set} images)",
+        folder=Path(cfg["faces"]["dir"]) / f"{image_set}-{stable_hash(identity, length=16)}",
+        identity=identity, remedy="./run.sh faces -c CONFIG", outputs=(BOXES,), cache_dir=cfg["data"]["cache_dir"])
+
+
+def train_artifact(cfg: dict, backbone: str, fold: int, fingerprint: dict) -> Artifact:
     return Artifact(
         what=f"train job {backbone} fold {fold}",
         folder=output_dir(cfg, "train", safe_name(backbone), f"fold{fold}"),
         identity={"config": job_config(cfg, backbone), "data_fingerprint": fingerprint, "fold": fold},
         remedy=f"./run.sh train -c CONFIG model.backbones=[{backbone}] train.folds=[{fold}] --force "
                f"(or another output.dir)",
-        outputs=(BEST, VAL_PROBS))
+        outputs=(BEST, VAL_PROBS), cache_dir=cfg["data"]["cache_dir"])
 
 
-def infer_artifact(cfg: dict, backbone: str, fold: int, train_token: str, eval_key: str) -> Artifact:
+def infer_artifact(cfg: dict, backbone: str, fold: int, train_token: str, eval_key: dict) -> Artifact:
     """Eval and TTA'd validation tables of one fold model: made from that checkpoint (its token)."""
     return Artifact(
         what=f"infer tables {backbone} fold {fold}",
         folder=output_dir(cfg, "infer", safe_name(backbone), f"fold{fold}"),
         identity={"train_token": train_token, "tta": list(cfg["infer"]["tta"]), "eval_images": eval_key},
         remedy=f"./run.sh infer -c CONFIG model.backbones=[{backbone}] train.folds=[{fold}]",
-        outputs=(EVAL_PROBS, VAL_PROBS_TTA))
+        outputs=(EVAL_PROBS, VAL_PROBS_TTA), cache_dir=cfg["data"]["cache_dir"])
 
 
 def require_all(artifacts: list[Artifact], heading: str) -> list[dict]:
@@ -260,7 +292,7 @@ def require_all(artifacts: list[Artifact], heading: str) -> list[dict]:
     return stamps
 
 
-def fresh_train_stamps(cfg: dict, backbone: str, fingerprint: str) -> dict[int, dict]:
+def fresh_train_stamps(cfg: dict, backbone: str, fingerprint: dict) -> dict[int, dict]:
     """The stamps of all K folds of one backbone; every missing or stale fold is named at once."""
     folds = range(cfg["folds"]["k"])
     stamps = require_all([train_artifact(cfg, backbone, f, fingerprint) for f in folds],

@@ -21,6 +21,9 @@ from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, ValidationEr
                       model_validator)
 from pydantic_core import PydanticCustomError
 
+# the modules that implement these own their lists; they import no torch
+from pipeline.data.crop import MODES as CROP_MODES, PERSON_BOX  # noqa: E402
+
 TTA_VIEWS = "none, hflip or scale:<factor > 0>"
 SPACE_TYPES = ("float", "int", "categorical")
 STORAGE_URL = r"^(sqlite:///.+|journal:.+|(postgresql|mysql)(\+\w+)?://.+|env:[A-Za-z_][A-Za-z0-9_]*)$"
@@ -130,14 +133,22 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
 
+class CropSection(_Section):
+    mode: _one_of(*CROP_MODES)
+    box: Annotated[list[_float(ge=0, le=1)], Field(
+        min_length=4, max_length=4,
+        description="4 numbers [x0, y0, x1, y1] in [0, 1] with x0 < x1 and y0 < y1"), AfterValidator(_box_not_inverted)]
+    margin: _described(Annotated[list[_float(ge=0, le=2)], Field(min_length=4, max_length=4)],
+                       "4 numbers [left, top, right, bottom] in [0, 2]: shares of the face box's width and height")
+
+
 class DataSection(_Section):
     root: PathText
     label_fixes: _described(str | None, "a path to a label-fixes CSV (may use {data.root}), or null")
     old_age: Age
     train_old_age: Age
-    crop: Annotated[list[_float(ge=0, le=1)], Field(
-        min_length=4, max_length=4,
-        description="4 numbers [x0, y0, x1, y1] in [0, 1] with x0 < x1 and y0 < y1"), AfterValidator(_box_not_inverted)]
+    crop: _described(CropSection, "a mapping {mode: box|detect, box: [x0, y0, x1, y1], margin: [left, top, right, "
+                                  "bottom]} (the fixed box is data.crop.box)")
     image_size: _size(16)
     cache_dir: PathText
     num_workers: CountOrZero
@@ -149,6 +160,15 @@ class DataSection(_Section):
             raise _refuse(f"must be <= data.old_age ({self.old_age}): the training age cut may move down, never up",
                           "data.train_old_age")
         return self
+
+
+class FacesSection(_Section):
+    dir: PathText
+    min_score: _float(ge=0, le=1)
+    detect_scale: _float(gt=0, le=1)
+    min_face: _described(_int(ge=12), "an integer >= 12 (pixels of the source image)")
+    person_box: _one_of(*PERSON_BOX)
+    sheet_people: CountOrZero
 
 
 class OutputSection(_Section):
@@ -339,6 +359,7 @@ class Config(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
     data: DataSection
+    faces: FacesSection
     output: OutputSection
     folds: FoldsSection
     synth: SynthSection
@@ -419,28 +440,53 @@ def _describe(item: dict, sections: dict) -> tuple[str, Any, str]:
 
 
 def _locate(loc: tuple, sections: dict) -> tuple[str, Any]:
-    """The dotted key and value an error is about: the whole value of a key, or one mapping of a list
-    of mappings (tune.space[2]), which is shorter to read than the whole list."""
+    """The dotted key and value an error is about: the whole value of a key (data.crop.mode inside a
+    nested section), or one mapping of a list of mappings (tune.space[2]), which is shorter to read than
+    the whole list."""
     if not loc:
         return "config", sections
     key, value = str(loc[0]), sections.get(loc[0])
-    if len(loc) > 1 and isinstance(value, dict):
-        key, value = f"{key}.{loc[1]}", value.get(loc[1])
-        if len(loc) > 2 and isinstance(loc[2], int) and isinstance(value, list) and isinstance(value[loc[2]], dict):
-            key, value = f"{key}[{loc[2]}]", value[loc[2]]
+    depth, model = 1, _section_model(loc[0])
+    while depth < len(loc) and isinstance(value, dict) and model is not None:
+        key, value = f"{key}.{loc[depth]}", value.get(loc[depth])
+        model = _nested_model(model, loc[depth])
+        depth += 1
+    if depth < len(loc) and isinstance(loc[depth], int) and isinstance(value, list) and depth < 3 \
+            and loc[depth] < len(value) and isinstance(value[loc[depth]], dict):
+        key, value = f"{key}[{loc[depth]}]", value[loc[depth]]
     return key, value
+
+
+def _section_model(name):
+    field = Config.model_fields.get(name)
+    return field.annotation if field is not None else None
+
+
+def _nested_model(model, name):
+    """The section model a field holds (data.crop -> CropSection), or None for a plain value."""
+    field = model.model_fields.get(name) if isinstance(model, type) and issubclass(model, BaseModel) else None
+    if field is None:
+        return None
+    kind = field.annotation
+    return kind if isinstance(kind, type) and issubclass(kind, BaseModel) else None
 
 
 def _allowed(item: dict) -> str:
     loc = item["loc"]
-    section = Config.model_fields.get(loc[0]) if loc else None
-    if section is None:
+    model = _section_model(loc[0]) if loc else None
+    if model is None:
         return "is not a config section"
     if len(loc) == 1:
         return "must be a mapping of keys (a config section)"
-    field = section.annotation.model_fields.get(loc[1])
-    if field is None:
-        return "is not a config key"
+    field = None
+    for depth, part in enumerate(loc[1:], start=1):
+        field = model.model_fields.get(part) if isinstance(part, str) else None
+        if field is None:
+            return "is not a config key" if depth == len(loc) - 1 or isinstance(part, str) else item["msg"]
+        inner = _nested_model(model, part)
+        if inner is None or depth == len(loc) - 1:
+            break
+        model = inner
     return f"must be {field.description}" if field.description else item["msg"]
 
 

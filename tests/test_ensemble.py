@@ -60,7 +60,7 @@ def test_ensemble_weights_do_not_change_when_eval_probabilities_change(tmp_path,
     ids = np.array([f"{i:040x}.jpg" for i in range(30)])
     info = pd.DataFrame({"ImageID": ids, "ans": 0, "file": ids})
 
-    def pooled(cfg, backbone, table):
+    def pooled(cfg, backbone, table, fingerprint=None):
         return {"image_id": np.arange(120).astype(str), "label": label, "fold": np.zeros(120, int),
                 **{f"probs_{k}": v for k, v in oof[backbone].items()}}
 
@@ -68,7 +68,8 @@ def test_ensemble_weights_do_not_change_when_eval_probabilities_change(tmp_path,
     monkeypatch.setattr(stage, "load_train", lambda cfg: (pd.DataFrame({"image_id": [], "person_id": [],
                                                                          "label": [], "age": []}), {}))
     monkeypatch.setattr(stage, "load_eval", lambda cfg: (info, []))
-    monkeypatch.setattr(stage, "files_key", lambda files: "eval")
+    monkeypatch.setattr(stage, "eval_identity", lambda cfg, info: {"pixels": "eval"})
+    monkeypatch.setattr(stage, "train_fingerprint", lambda cfg, table: {"labels": "train"})
     monkeypatch.setattr(stage, "oof_table", pooled)
     folder_of = lambda backbone: types.SimpleNamespace(path=lambda name: backbone)  # noqa: E731
     monkeypatch.setattr(stage, "fresh_infer_artifacts", lambda cfg, backbone, fp, key: {0: folder_of(backbone)})

@@ -427,7 +427,7 @@ def test_a_write_killed_before_its_rename_leaves_a_temp_file_that_the_next_write
 def test_decode_workers_exit_within_seconds_of_a_kill_9_of_their_stage(tiny_data):
     files = sorted(str(p) for p in (tiny_data / "train" / "images").rglob("*") if p.is_file())
     code = (f"from pipeline.data.images import decode_images\nfiles = {files!r} * 20\n"
-            "while True:\n    decode_images(files, [0, 0, 1, 1], [32, 40], 10**8, workers=2)\n")
+            "while True:\n    decode_images(files, {'mode': 'box', 'box': [0, 0, 1, 1]}, [32, 40], 10**8, workers=2)\n")
     process = subprocess.Popen([sys.executable, "-c", code], cwd=PROJECT_ROOT, start_new_session=True,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                env={**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1"})
@@ -448,6 +448,6 @@ def test_decode_workers_exit_within_seconds_of_a_kill_9_of_their_stage(tiny_data
 
 def test_decoding_in_workers_gives_the_same_pixels_as_in_process(tiny_data):
     files = sorted(str(p) for p in (tiny_data / "train" / "images").rglob("*") if p.is_file())[:70]
-    one, _ = decode_images(files, [0, 0, 1, 1], [16, 20], 10**8, workers=1)
-    two, _ = decode_images(files, [0, 0, 1, 1], [16, 20], 10**8, workers=2)
+    one, _ = decode_images(files, {"mode": "box", "box": [0, 0, 1, 1]}, [16, 20], 10**8, workers=1)
+    two, _ = decode_images(files, {"mode": "box", "box": [0, 0, 1, 1]}, [16, 20], 10**8, workers=2)
     assert (one == two).all()

@@ -10,6 +10,7 @@ import pytest
 from pipeline import artifacts, io
 from pipeline.data import images
 from pipeline.data.layout import load_train
+from pipeline.data.pixels import image_set
 from pipeline.errors import WriteError
 from pipeline.io import PROJECT_ROOT
 from pipeline.stages import check, folds
@@ -55,11 +56,11 @@ def test_check_on_a_full_disk_names_its_report_and_keeps_the_previous_one(tmp_pa
 
 def test_a_cache_write_on_a_full_disk_names_the_cache_file_and_leaves_nothing(tmp_path, data_copy, full_disk):
     cfg = make_config(tmp_path, data_copy)
-    files = list(load_train(cfg)[0]["file"][:4])
+    files = image_set(cfg, "train", load_train(cfg)[0]["file"][:4])
     path = images.cache_path(cfg, files)
     with pytest.raises(WriteError, match=rf"cannot write {path}: No space left on device"):
         images.cached_images(cfg, files)
-    assert os.listdir(path.parent) == []
+    assert [p for p in path.parent.rglob("*") if p.is_file()] == []  # nor a half pixel manifest
 
 
 def test_a_lock_file_that_cannot_be_made_is_named(tmp_path, data_copy, monkeypatch):
@@ -89,6 +90,7 @@ def test_a_really_full_disk_gives_one_line_naming_the_file_at_each_stage(tmp_pat
         sys.path.insert(0, {str(PROJECT_ROOT)!r})
         from pipeline.data import images
         from pipeline.data.layout import load_train
+        from pipeline.data.pixels import image_set
         from pipeline.errors import MaskfoldError
         from pipeline.stages import check, folds
         from tests.conftest import make_config
@@ -101,7 +103,7 @@ def test_a_really_full_disk_gives_one_line_naming_the_file_at_each_stage(tmp_pat
             except OSError:
                 pass
         for name, step in (("check", lambda: check.run(cfg)), ("folds", lambda: folds.run(cfg)),
-                           ("cache", lambda: images.cached_images(cfg, load_train(cfg)[0]["file"]))):
+                           ("cache", lambda: images.cached_images(cfg, image_set(cfg, "train", load_train(cfg)[0]["file"])))):
             try:
                 step()
                 print(name, "ok")

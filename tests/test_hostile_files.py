@@ -12,6 +12,7 @@ from pipeline.artifacts import train_artifact
 from pipeline.data import images
 from pipeline.data.folds import folds_artifact, folds_path, load_folds
 from pipeline.data.layout import load_train
+from pipeline.data.pixels import image_set
 from pipeline.errors import ArtifactError, DataError, StaleArtifactError
 from pipeline.io import load_npz
 from pipeline.stages import check, ensemble, folds, infer, train
@@ -114,6 +115,7 @@ def cache_case(tmp_path, data_copy):
     table, _ = load_train(cfg)
     files = list(table["file"][:5])
     expected = images.decode_images(files, cfg["data"]["crop"], cfg["data"]["image_size"], 10**8, workers=1)[0]
+    files = image_set(cfg, "train", files)
     path = images.cache_path(cfg, files)
     path.parent.mkdir(parents=True, exist_ok=True)
     return cfg, files, expected, path
@@ -185,7 +187,7 @@ def test_grey_rgba_and_16_bit_images_are_logged_once_per_kind_with_a_count_and_t
             cv2.imwrite(str(files[-1]), array)
     files.append(tmp_path / "grey_jpeg.jpg")
     cv2.imwrite(str(files[-1]), np.full((10, 12), 10, np.uint8))
-    decoded, problems = images.decode_images(files, [0, 0, 1, 1], [6, 5], 10**6, workers=1)
+    decoded, problems = images.decode_images(files, {"mode": "box", "box": [0, 0, 1, 1]}, [6, 5], 10**6, workers=1)
     assert problems == [] and decoded.shape == (len(files), 5, 6, 3) and decoded.dtype == np.uint8
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[data]")]
     assert sorted(lines) == sorted([

@@ -9,8 +9,9 @@ import pandas as pd
 
 from pipeline import labels
 from pipeline.data.folds import load_folds
-from pipeline.data.images import cached_images, files_key
+from pipeline.data.images import cached_images
 from pipeline.data.layout import data_fingerprint, load_eval, load_train
+from pipeline.data.pixels import ImageSet, image_set
 
 
 @dataclass
@@ -19,7 +20,7 @@ class TrainData:
     fold: np.ndarray          # fold of every image row
     images: np.ndarray        # (N, H, W, 3) uint8, row-aligned with table; may be a memory map
     train_targets: dict       # per head and joint, with the training age cut (data.train_old_age)
-    fingerprint: str
+    fingerprint: dict         # labels, pixels and (detect mode) boxes: see train_fingerprint
     _stores: dict = field(default_factory=dict, repr=False)
 
     def store(self, device):
@@ -36,20 +37,32 @@ class TrainData:
         return train_rows, val_rows
 
 
+def fingerprint_of(table: pd.DataFrame, images: ImageSet) -> dict:
+    """The identity of the labelled training data: which images of whom with which labels, their bytes and
+    (detect mode) the faces they are cropped around. Every training job, and all made from one, records it."""
+    return {"labels": data_fingerprint(table), **images.identity}
+
+
+def train_fingerprint(cfg: dict, table: pd.DataFrame) -> dict:
+    """fingerprint_of the training table as it is on disk now (reads every image's bytes: seconds)."""
+    return fingerprint_of(table, image_set(cfg, "train", table["file"]))
+
+
 def load_train_data(cfg: dict) -> TrainData:
     table, _ = load_train(cfg)
     fold = load_folds(cfg, table).to_numpy()
-    images = cached_images(cfg, table["file"], desc="decode train")
+    images = image_set(cfg, "train", table["file"])
+    pixels = cached_images(cfg, images, desc="decode train")
     band = labels.age_band(table["age"].to_numpy(), cfg["data"]["train_old_age"])
     targets = labels.targets(table["mask"].to_numpy(), table["gender"].to_numpy(), band)
-    return TrainData(table, fold, images, targets, data_fingerprint(table))
+    return TrainData(table, fold, pixels, targets, fingerprint_of(table, images))
 
 
 @dataclass
 class InferData:
     train: TrainData
     eval_table: pd.DataFrame  # info.csv's rows, in its order
-    eval_key: str             # identity of the eval image files (path, size, mtime)
+    eval_key: dict            # identity of the eval images (their bytes; the boxes in detect mode)
     eval_images: np.ndarray
     _stores: dict = field(default_factory=dict, repr=False)
 
@@ -63,8 +76,13 @@ class InferData:
 def load_infer_data(cfg: dict) -> InferData:
     train = load_train_data(cfg)
     eval_table, _ = load_eval(cfg)
-    return InferData(train, eval_table, files_key(eval_table["file"]),
-                     cached_images(cfg, eval_table["file"], desc="decode eval"))
+    images = image_set(cfg, "eval", eval_table["file"])
+    return InferData(train, eval_table, images.identity, cached_images(cfg, images, desc="decode eval"))
+
+
+def eval_identity(cfg: dict, eval_table: pd.DataFrame) -> dict:
+    """InferData.eval_key of the eval images as they are on disk now."""
+    return image_set(cfg, "eval", eval_table["file"]).identity
 
 
 def resident(images: np.ndarray, device):

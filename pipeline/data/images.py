@@ -1,7 +1,8 @@
 """Pixels: decode, face-crop and resize once, in parallel; cache the uint8 result on disk.
 
-The cache is the one source of pixels for training, validation and inference, keyed by each
-file's path, size and mtime plus the crop and the size, so new data or a new crop never reuses it.
+The cache is the one source of pixels for training, validation and inference, keyed by the image
+set's identity (the files' bytes and, when cropping by detection, the boxes table) plus the crop rule
+and the size, so new data, a replaced image or a new crop never reuses it.
 """
 from __future__ import annotations
 
@@ -16,16 +17,12 @@ from joblib import delayed
 from PIL import Image
 from tqdm import tqdm
 
+from pipeline.data.crop import crop_and_resize, crop_box, crop_rule
 from pipeline.errors import DataError
 from pipeline.io import atomic_write_bytes, parallel, stable_hash
 
 cv2.setNumThreads(1)  # parallelism comes from joblib; nested threads only thrash 2 cores
 Image.MAX_IMAGE_PIXELS = None  # decode_file applies data.max_image_pixels itself, naming the file and the key
-
-
-def read_image(file, max_pixels: int) -> np.ndarray:
-    """RGB uint8; a missing, empty, oversized, undecodable or not-a-file file raises naming it."""
-    return decode_file(file, max_pixels)[0]
 
 
 def decode_file(file, max_pixels: int) -> tuple[np.ndarray, str | None]:
@@ -85,20 +82,13 @@ def _converted_from(mode: str | None, raw: np.ndarray) -> str | None:
     return channels
 
 
-def crop_and_resize(image: np.ndarray, crop, size) -> np.ndarray:
-    """Face crop by a fractional box (x0, y0, x1, y1), then resize to (w, h)."""
-    height, width = image.shape[:2]
-    x0, y0, x1, y1 = crop
-    box = image[int(round(y0 * height)):int(round(y1 * height)), int(round(x0 * width)):int(round(x1 * width))]
-    return cv2.resize(box, tuple(size), interpolation=cv2.INTER_AREA)
-
-
-def _decode_chunk(files, crop, size, max_pixels: int):
-    """Decode, crop and resize; with size None only decode, to find the files that fail.
+def _decode_chunk(files, rule, size, max_pixels: int, faces=None):
+    """Decode, crop (pipeline/data/crop.py's rule, around `faces[i]` in detect mode) and resize; with size
+    None only decode, to find the files that fail.
 
     Returns (images, problems, {converted from: [count, first file]})."""
     out, problems, converted = [], [], {}
-    for file in files:
+    for index, file in enumerate(files):
         try:
             image, kind = decode_file(file, max_pixels)
         except DataError as error:
@@ -107,18 +97,21 @@ def _decode_chunk(files, crop, size, max_pixels: int):
         if kind is not None:
             converted.setdefault(kind, [0, file])[0] += 1
         if size is not None:
-            out.append(np.zeros((size[1], size[0], 3), np.uint8) if image is None
-                       else crop_and_resize(image, crop, size))
+            face = faces[index] if faces is not None else None
+            out.append(np.zeros((size[1], size[0], 3), np.uint8) if image is None else crop_and_resize(
+                image, crop_box(image.shape[1], image.shape[0], rule, face), size))
     return out, problems, converted
 
 
-def decode_images(files, crop, size, max_pixels: int, workers: int = 2,
-                  desc: str = "decode") -> tuple[np.ndarray, list[str]]:
-    """(N, H, W, 3) uint8 images and every problem found, decoded in parallel chunks."""
+def decode_images(files, rule, size, max_pixels: int, workers: int = 2, desc: str = "decode",
+                  faces=None) -> tuple[np.ndarray, list[str]]:
+    """(N, H, W, 3) uint8 images cropped by `rule` (crop_rule's dict; around `faces` in detect mode) and
+    every problem found, decoded in parallel chunks."""
     files = list(files)
-    chunks = [files[i:i + 64] for i in range(0, len(files), 64)]
+    starts = range(0, len(files), 64)
     results = parallel(workers)(
-        delayed(_decode_chunk)(chunk, crop, size, max_pixels) for chunk in tqdm(chunks, desc=desc, unit="x64img", leave=False))
+        delayed(_decode_chunk)(files[i:i + 64], rule, size, max_pixels, None if faces is None else faces[i:i + 64])
+        for i in tqdm(starts, desc=desc, unit="x64img", leave=False))
     problems = [p for _, chunk_problems, _ in results for p in chunk_problems]
     _log_conversions([converted for _, _, converted in results])
     if size is None:
@@ -142,46 +135,33 @@ def verify_images(files, max_pixels: int, workers: int = 2) -> list[str]:
     return decode_images(files, None, None, max_pixels, workers, desc="decode check")[1]
 
 
-def files_key(files) -> str:
-    """Identity of a list of image files as they are on disk: path, size and mtime of each."""
-    stats = []
-    for file in map(str, files):
-        try:
-            info = os.stat(file)
-            stats.append((file, info.st_size, info.st_mtime_ns))
-        except OSError:
-            stats.append((file, -1, -1))
-    return stable_hash(stats, length=20)
-
-
-def cache_path(cfg: dict, files) -> Path:
-    """Where the decoded images of `files` at the config's crop and size are cached."""
-    crop, size = cfg["data"]["crop"], cfg["data"]["image_size"]
-    key = stable_hash({"files": files_key(files), "crop": crop, "size": size}, length=20)
+def cache_path(cfg: dict, images) -> Path:
+    """Where the decoded images of an image set (pipeline/data/pixels.py) under the config's crop rule are cached."""
+    key = stable_hash({"images": images.identity, "crop": crop_rule(cfg)}, length=20)
     return Path(cfg["data"]["cache_dir"]) / f"{key}.npy"
 
 
-def cached_images(cfg: dict, files, desc: str = "decode") -> np.ndarray:
-    """Decoded, face-cropped, resized images (N, H, W, 3) uint8, decoded once and then read from disk.
+def cached_images(cfg: dict, images, desc: str = "decode") -> np.ndarray:
+    """An image set's pixels, cropped and resized: (N, H, W, 3) uint8, decoded once and then read from disk.
 
     A cache file that is not that array (truncated, zero-filled, another shape, Python objects) is never
     used: it is decoded again and replaced, with a warning naming it."""
-    files = [str(f) for f in files]
-    path = cache_path(cfg, files)
-    crop, size = cfg["data"]["crop"], cfg["data"]["image_size"]
+    files = list(images.files)
+    path = cache_path(cfg, images)
+    size = cfg["data"]["image_size"]
     if path.exists():
         cached, problem = _load_cache(path, (len(files), size[1], size[0], 3))
         if cached is not None:
             return cached
         print(f"[data] warning: cache file {path} {problem}; decoding the images again to replace it")
-    images, problems = decode_images(files, crop, size, cfg["data"]["max_image_pixels"],
-                                     workers=cfg["data"]["num_workers"], desc=desc)
+    pixels, problems = decode_images(files, crop_rule(cfg), size, cfg["data"]["max_image_pixels"],
+                                     workers=cfg["data"]["num_workers"], desc=desc, faces=images.faces)
     if problems:
         raise DataError(problems)
     buffer = io.BytesIO()
-    np.save(buffer, images)
+    np.save(buffer, pixels)
     atomic_write_bytes(path, buffer.getvalue())
-    return images
+    return pixels
 
 
 def _load_cache(path: Path, shape: tuple) -> tuple[np.ndarray | None, str]:

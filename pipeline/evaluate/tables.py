@@ -11,7 +11,6 @@ import numpy as np
 from pipeline import labels
 from pipeline.artifacts import (VAL_PROBS, Artifact, fresh_train_stamps, infer_artifact, require_all,
                                 train_artifact)
-from pipeline.data.layout import data_fingerprint
 from pipeline.errors import ArtifactError
 from pipeline.io import atomic_save_npz, load_npz
 
@@ -64,9 +63,9 @@ def mean_of_folds(paths: dict[int, object], image_ids: np.ndarray, what: str) ->
 
 # ---------------------------------------------------------------- where a backbone's tables come from
 
-def oof_table(cfg: dict, backbone: str, train_table) -> dict[str, np.ndarray]:
-    """A backbone's out-of-fold validation table; every fold must be trained and up to date."""
-    fingerprint = data_fingerprint(train_table)
+def oof_table(cfg: dict, backbone: str, train_table, fingerprint: dict) -> dict[str, np.ndarray]:
+    """A backbone's out-of-fold validation table; every fold must be trained from this data and up to date
+    (`fingerprint`: pipeline.data.dataset.train_fingerprint)."""
     fresh_train_stamps(cfg, backbone, fingerprint)
     paths = {f: train_artifact(cfg, backbone, f, fingerprint).path(VAL_PROBS) for f in range(cfg["folds"]["k"])}
     pooled = pool_folds(paths)
@@ -74,7 +73,7 @@ def oof_table(cfg: dict, backbone: str, train_table) -> dict[str, np.ndarray]:
     return pooled
 
 
-def fresh_infer_artifacts(cfg: dict, backbone: str, fingerprint: str, eval_key: str) -> dict[int, Artifact]:
+def fresh_infer_artifacts(cfg: dict, backbone: str, fingerprint: dict, eval_key: dict) -> dict[int, Artifact]:
     """A backbone's K inference folders, each made from its fold's current checkpoint with this TTA and eval set.
 
     Tables predicted from an older checkpoint, another TTA list or other eval images are refused,

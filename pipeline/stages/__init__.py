@@ -27,6 +27,7 @@ class Stage:
 STAGES = (
     Stage("synth", "generate the demo dataset in the competition layout", "demo"),
     Stage("check", "validate the data, list every problem, print counts", "all"),
+    Stage("faces", "find every face once (MTCNN) for data.crop.mode: detect; boxes table and contact sheet", "all"),
     Stage("folds", "assign person-grouped, stratified folds", "all"),
     Stage("train", "train every (backbone, fold) job with early stopping and checkpoints", "all"),
     Stage("oof", "pool out-of-fold predictions; report macro F1 with plots", "all"),

@@ -10,8 +10,8 @@ import numpy as np
 
 from pipeline import labels
 from pipeline.artifacts import EVAL_PROBS, VAL_PROBS_TTA, output_dir, output_lock
-from pipeline.data.images import files_key
-from pipeline.data.layout import data_fingerprint, load_eval, load_train
+from pipeline.data.dataset import eval_identity, train_fingerprint
+from pipeline.data.layout import load_eval, load_train
 from pipeline.evaluate.ensemble import backbone_weights, combine, submission_frame
 from pipeline.evaluate.metrics import score_probs
 from pipeline.evaluate.tables import check_coverage, fresh_infer_artifacts, mean_of_folds, oof_table, pool_folds, probs_of
@@ -21,13 +21,13 @@ from pipeline.stages import stage_main
 
 def run(cfg: dict, force: bool = False) -> dict:
     table, _ = load_train(cfg)
-    fingerprint = data_fingerprint(table)
+    fingerprint = train_fingerprint(cfg, table)
     info, _ = load_eval(cfg)
-    eval_ids, eval_key = info["ImageID"].to_numpy().astype(str), files_key(info["file"])
+    eval_ids, eval_key = info["ImageID"].to_numpy().astype(str), eval_identity(cfg, info)
     backbones, e = list(cfg["model"]["backbones"]), cfg["ensemble"]
     oof, oof_tta, evals = [], [], []
     for backbone in backbones:
-        pooled = oof_table(cfg, backbone, table)
+        pooled = oof_table(cfg, backbone, table, fingerprint)
         infer = fresh_infer_artifacts(cfg, backbone, fingerprint, eval_key)
         pooled_tta = pool_folds({fold: out.path(VAL_PROBS_TTA) for fold, out in infer.items()})
         check_coverage(pooled_tta, table["image_id"], f"backbone {backbone} (TTA)")

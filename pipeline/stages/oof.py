@@ -5,7 +5,8 @@ Writes <output.dir>/oof/: report.md, report.json, confusion and per-class PNGs, 
 from __future__ import annotations
 
 from pipeline.artifacts import output_dir, safe_name
-from pipeline.data.layout import data_fingerprint, load_train
+from pipeline.data.dataset import train_fingerprint
+from pipeline.data.layout import load_train
 from pipeline.evaluate.report import backbone_report, markdown, plot_confusion, plot_per_class
 from pipeline.evaluate.tables import oof_table
 from pipeline.io import atomic_save_npz, atomic_write_json, atomic_write_text, provenance
@@ -14,17 +15,18 @@ from pipeline.stages import stage_main
 
 def run(cfg: dict, force: bool = False) -> dict:
     table, _ = load_train(cfg)
+    fingerprint = train_fingerprint(cfg, table)
     folder = output_dir(cfg, "oof")
     reports = {}
     for backbone in cfg["model"]["backbones"]:
-        pooled = oof_table(cfg, backbone, table)
+        pooled = oof_table(cfg, backbone, table, fingerprint)
         atomic_save_npz(folder / f"{safe_name(backbone)}.npz", **pooled)
         reports[backbone] = backbone_report(pooled)
         plot_confusion(pooled["label"], pooled["probs_joint"].argmax(1), f"{backbone}: OOF confusion",
                        folder / f"confusion_{safe_name(backbone)}.png")
     plot_per_class(reports, folder / "per_class_f1.png")
     atomic_write_json(folder / "report.json", {"backbones": reports,
-                                               **provenance(cfg, cfg["train"]["seed"], data_fingerprint(table))})
+                                               **provenance(cfg, cfg["train"]["seed"], fingerprint)})
     atomic_write_text(folder / "report.md", markdown(reports))
     for backbone, r in reports.items():
         print(f"[oof] {backbone}: pooled OOF macro F1 {r['f1']:.4f} (mask {r['f1_mask']:.3f}, gender "
