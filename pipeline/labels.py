@@ -76,7 +76,7 @@ def decompose(class_idx):
 def joint_from_heads(p_mask, p_gender, p_age):
     """18-class probabilities as the product of the three heads, in class order."""
     joint = p_mask[:, :, None, None] * p_gender[:, None, :, None] * p_age[:, None, None, :]
-    return joint.reshape(len(p_mask), NUM_CLASSES)
+    return joint.reshape(-1, NUM_CLASSES)  # -1, not len(): an exported graph keeps its batch axis dynamic
 
 
 def heads_from_joint(joint) -> dict:

@@ -276,3 +276,35 @@ def test_an_eval_image_replaced_in_place_makes_infer_stale_and_the_ensemble_refu
     infer.run(cfg)
     assert "skipping" not in capsys.readouterr().out  # every fold predicted the new pixels again
     ensemble.run(cfg)
+
+
+def test_the_onnx_mtcnn_finds_exactly_the_faces_facenet_pytorch_finds(portrait, faces_cfg, tmp_path):
+    """One detector everywhere: pipeline/data/mtcnn.py (onnxruntime, no torch) against facenet-pytorch's
+    MTCNN.detect on the portrait, a two-face frame and a faceless one, to a thousandth of a pixel."""
+    import torch
+    from facenet_pytorch import MTCNN
+
+    from pipeline.data.mtcnn import Detector, export_nets
+
+    nets = export_nets(tmp_path / "nets")
+    reference = MTCNN(keep_all=True, min_face_size=20, post_process=False)
+    ours = Detector(nets, 20)
+    two = _frame(portrait, 0.7, 800, 150, base=_frame(portrait, 0.5, 100, 200))
+    blank = np.full((300, 400, 3), 128, np.uint8)
+    torch.set_num_threads(1)
+    for image in (portrait, two, blank):
+        boxes, scores, points = ours.detect(image)
+        ref_boxes, ref_scores, ref_points = reference.detect(image, landmarks=True)
+        if ref_boxes is not None:
+            ref_boxes, ref_scores, ref_points = (np.asarray(a, np.float64) for a in (ref_boxes, ref_scores, ref_points))
+        if ref_boxes is None:
+            assert len(boxes) == 0
+            continue
+        assert len(boxes) == len(ref_boxes) >= 1
+        order, ref_order = np.argsort(boxes[:, 0]), np.argsort(ref_boxes[:, 0])
+        np.testing.assert_allclose(boxes[order], ref_boxes[ref_order], atol=1e-3)
+        np.testing.assert_allclose(scores[order], ref_scores[ref_order], atol=1e-5)
+        np.testing.assert_allclose(points[order], ref_points[ref_order], atol=1e-3)
+    assert export_nets(tmp_path / "nets") == nets  # kept, not exported again
+    again = export_nets(tmp_path / "again")
+    assert all(again[n].read_bytes() == nets[n].read_bytes() for n in nets)  # the export is deterministic

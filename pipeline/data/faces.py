@@ -1,9 +1,8 @@
 """The face finder: MTCNN (facenet-pytorch) on every photo, for training crops and camera frames alike.
 
-`detect_faces` is the one detector call: the image is shrunk by `faces.detect_scale` (a 384x512 photo
-to 192x256 finds the same face within a few pixels in about a third of the time; bench/faces.py),
-MTCNN runs on it, and every face scoring at least `faces.min_score` comes back in source pixels with
-its score and 5 landmarks. The faces stage runs it once per image over `data.num_workers` processes and
+`detect_faces` is the one detector call (pipeline.data.mtcnn.find_faces, which the torch-free gate
+runtime calls too): the image is shrunk by `faces.detect_scale`, MTCNN runs on it, and every face
+scoring at least `faces.min_score` comes back in source pixels with its score and 5 landmarks. The faces stage runs it once per image over `data.num_workers` processes and
 writes one boxes table per image set; `choose_faces` then picks the face each training image is
 cropped around:
 
@@ -14,12 +13,13 @@ cropped around:
     photo's face where a photo has none); eval photos have no person, so they always take their own;
   - no face: the fixed box `data.crop.box` (source `fallback`), counted per mask class in the report.
 
-MTCNN's three small networks ship inside the facenet-pytorch wheel; no network is needed.
+MTCNN's three small networks ship inside the facenet-pytorch wheel (no download); they are exported
+to ONNX once into `faces.dir` and run with onnxruntime (pipeline/data/mtcnn.py).
 """
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -29,9 +29,9 @@ from tqdm import tqdm
 
 from pipeline.data.crop import PERSON_BOX, fixed_box  # noqa: F401 (PERSON_BOX: person_box's values)
 from pipeline.data.images import decode_file
+from pipeline.data.mtcnn import LANDMARKS, Face, export_nets, find_faces
 from pipeline.io import parallel
 
-LANDMARKS = ("left_eye", "right_eye", "nose", "mouth_left", "mouth_right")
 LANDMARK_COLUMNS = tuple(f"{name}_{axis}" for name in LANDMARKS for axis in "xy")
 COLUMNS = ("file", "width", "height", "face", "x0", "y0", "x1", "y1", "score", *LANDMARK_COLUMNS, "source", "chosen")
 SOURCES = ("detector", "normal", "fallback")
@@ -39,63 +39,25 @@ SOURCES = ("detector", "normal", "fallback")
 SETTINGS = ("min_score", "detect_scale", "min_face", "person_box")
 
 
-@dataclass(frozen=True)
-class Face:
-    box: tuple[float, float, float, float]  # x0, y0, x1, y1 in source pixels
-    score: float
-    landmarks: tuple[tuple[float, float], ...]  # LANDMARKS' (x, y), source pixels
-
-    @property
-    def area(self) -> float:
-        return max(self.box[2] - self.box[0], 0.0) * max(self.box[3] - self.box[1], 0.0)
-
-
 def settings(cfg: dict) -> dict:
     return {key: cfg["faces"][key] for key in SETTINGS}
 
 
-_DETECTORS: dict = {}
-
-
-def detector(min_face_px: float):
-    """One MTCNN per process and smallest face, built on first use (its weights load from the wheel)."""
-    key = round(float(min_face_px), 3)
-    if key not in _DETECTORS:
-        from facenet_pytorch import MTCNN
-
-        _DETECTORS[key] = MTCNN(keep_all=True, device="cpu", min_face_size=max(key, 12.0), post_process=False)
-    return _DETECTORS[key]
+def nets_folder(faces_cfg: dict) -> Path:
+    """MTCNN's three networks as ONNX, exported once from the facenet-pytorch wheel into `faces.dir`."""
+    return Path(faces_cfg["dir"]) / "mtcnn-onnx"
 
 
 def detect_faces(images: list[np.ndarray], faces_cfg: dict) -> list[list[Face]]:
-    """Every face found in each RGB uint8 image, best score first, in the image's own pixels.
-
-    Images of one size are detected in one MTCNN batch; `detect_scale` shrinks them first."""
-    scale = float(faces_cfg["detect_scale"])
-    found: list[list[Face]] = [[] for _ in images]
-    by_shape: dict[tuple, list[int]] = {}
-    for index, image in enumerate(images):
-        by_shape.setdefault(image.shape, []).append(index)
-    mtcnn = detector(faces_cfg["min_face"] * scale)
-    for shape, indices in by_shape.items():
-        small = [cv2.resize(images[i], (max(round(shape[1] * scale), 1), max(round(shape[0] * scale), 1)),
-                            interpolation=cv2.INTER_AREA) if scale != 1 else images[i] for i in indices]
-        boxes, scores, points = mtcnn.detect(np.stack(small), landmarks=True)
-        for i, image_boxes, image_scores, image_points in zip(indices, boxes, scores, points):
-            if image_boxes is None:
-                continue
-            faces = [Face(tuple(float(v) / scale for v in box), float(score),
-                          tuple((float(x) / scale, float(y) / scale) for x, y in point))
-                     for box, score, point in zip(image_boxes, image_scores, image_points)
-                     if score >= faces_cfg["min_score"]]
-            found[i] = sorted(faces, key=lambda face: -face.score)
-    return found
+    """Every face found in each RGB uint8 image, best score first, in the image's own pixels
+    (pipeline.data.mtcnn.find_faces with the config's face finder settings)."""
+    folder = nets_folder(faces_cfg)
+    export_nets(folder)
+    return [find_faces(image, folder, faces_cfg["detect_scale"], faces_cfg["min_face"], faces_cfg["min_score"])
+            for image in images]
 
 
 def _detect_chunk(files: list[str], faces_cfg: dict, max_pixels: int) -> tuple[list[dict], float]:
-    import torch
-
-    torch.set_num_threads(1)  # one process per core; MTCNN's threads would only fight them
     started = time.perf_counter()
     images = [decode_file(file, max_pixels)[0] for file in files]
     rows = []
@@ -118,6 +80,7 @@ def _row(file, width, height, face, box, score, landmarks, source) -> dict:
 def detect_files(files: list[str], cfg: dict, desc: str = "faces") -> tuple[pd.DataFrame, float]:
     """One row per face found in each file (a `fallback` row where none is), in file order; and the
     detection rate in images per second of all workers together."""
+    export_nets(nets_folder(cfg["faces"]))  # once, here, before the workers read the files
     started = time.perf_counter()
     chunks = [files[i:i + 32] for i in range(0, len(files), 32)]
     results = parallel(cfg["data"]["num_workers"])(

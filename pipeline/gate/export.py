@@ -1,0 +1,173 @@
+"""The ensemble of a finished run as one ONNX graph plus a manifest: the bundle, the model's only way out
+of the repository (pipeline/gate/runtime.py loads it without torch).
+
+    graph ensemble.onnx   uint8 RGB crops (batch, h, w, 3), batch dynamic -> (batch, 26) probabilities:
+                          mask 3 | gender 2 | age 3 | joint 18. Inside: the training normalisation, every
+                          TTA view of infer.tta, every fold of every backbone (fold mean), the ensemble's
+                          backbone weights and its combine rule (joint or heads), as the ensemble stage does
+    mtcnn/*.onnx          the face finder (pipeline/data/mtcnn.py)
+    bundle.json           classes, heads, input size, normalisation, crop rule, face finder settings, TTA,
+                          members and weights, the files' digests, and provenance
+
+The graph is exported with timm's helper (timm.utils.onnx.onnx_export: TorchScript exporter, dynamic
+batch axis, ONNX checker), then checked against the torch module on real crops.
+"""
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from pipeline import labels
+from pipeline.artifacts import BEST, Artifact, file_digest, output_dir, require_all, train_artifact
+from pipeline.data.crop import crop_rule
+from pipeline.data.faces import SETTINGS, nets_folder
+from pipeline.data.mtcnn import NETS, export_nets
+from pipeline.errors import ArtifactError
+from pipeline.gate.runtime import FORMAT, VERSION, class_names
+from pipeline.io import atomic_write_bytes, atomic_write_json, git_commit, redacted, stable_hash, torch_load
+from pipeline.train.augment import Normalize
+from pipeline.train.model import build_model
+from pipeline.train.predict import tta_views
+
+GRAPH, MANIFEST = "ensemble.onnx", "bundle.json"
+OUTPUT_COLUMNS = {"mask": (0, 3), "gender": (3, 5), "age": (5, 8), "joint": (8, 26)}  # slices of the output
+
+
+class EnsembleGraph(nn.Module):
+    """uint8 NHWC crops -> the ensemble's probabilities, exactly the infer + ensemble stages' arithmetic."""
+
+    def __init__(self, cfg: dict, members: list[tuple[nn.Module, float]], combine: str):
+        super().__init__()
+        self.normalize = Normalize(cfg, torch.device("cpu"))
+        self.models = nn.ModuleList(model for model, _ in members)
+        self.register_buffer("weights", torch.tensor([w for _, w in members], dtype=torch.float32))
+        self.head_kinds = [model.head_kind for model, _ in members]
+        self.tta = list(cfg["infer"]["tta"])
+        self.combine = combine
+
+    def forward(self, crops: torch.Tensor) -> torch.Tensor:
+        views = tta_views(self.normalize(crops), self.tta)
+        tables = []
+        for model, kind in zip(self.models, self.head_kinds):
+            probs = [labels.probabilities(model(view), kind) for view in views]
+            tables.append({key: sum(p[key] for p in probs) / len(probs) for key in labels.TABLE_KEYS})
+        if self.combine == "joint":
+            joint = sum(w * t["joint"] for w, t in zip(self.weights, tables))
+            heads = labels.heads_from_joint(joint)
+        else:
+            heads = {h: sum(w * t[h] for w, t in zip(self.weights, tables)) for h in labels.HEADS}
+            joint = labels.joint_from_heads(heads["mask"], heads["gender"], heads["age"])
+        return torch.cat([heads["mask"], heads["gender"], heads["age"], joint], dim=1)
+
+
+def bundle_artifact(cfg: dict, train_tokens: dict, ensemble_report: dict) -> Artifact:
+    identity = {"train_tokens": train_tokens, "weights": ensemble_report["weights"],
+                "combine": ensemble_report["combine"], "tta": list(cfg["infer"]["tta"]), "crop": crop_rule(cfg),
+                "faces": {key: cfg["faces"][key] for key in SETTINGS}, "augment": {k: cfg["augment"][k] for k in ("mean", "std")}}
+    return Artifact(what="bundle", folder=output_dir(cfg, "bundle"), identity=identity,
+                    remedy="./run.sh export -c CONFIG", outputs=(GRAPH, MANIFEST, *(f"mtcnn/{n}.onnx" for n in NETS)))
+
+
+def _members(cfg: dict, report: dict, stamps: dict) -> list[tuple[nn.Module, float, str, int]]:
+    """Every fold model of every backbone with its share of the vote: backbone weight / folds."""
+    members = []
+    k = cfg["folds"]["k"]
+    for backbone in cfg["model"]["backbones"]:
+        for fold in range(k):
+            model = build_model(cfg, backbone, for_inference=True)
+            model.load_state_dict(torch_load(stamps[(backbone, fold)].path(BEST))["model"])
+            members.append((model.eval(), report["weights"][backbone] / k, backbone, fold))
+    return members
+
+
+def export_bundle(cfg: dict, fingerprint: dict, sample_crops: np.ndarray, force: bool = False) -> Path:
+    """Write <output.dir>/bundle/ from the run's fresh checkpoints and ensemble.json; `sample_crops`
+    (uint8 NHWC, a few real crops) check the graph against the torch module. Returns the folder."""
+    report_path = output_dir(cfg, "ensemble.json")
+    if not report_path.exists():
+        raise ArtifactError(f"export: {report_path} not found; run: ./run.sh ensemble -c CONFIG")
+    report = json.loads(report_path.read_text())
+    if sorted(report["weights"]) != sorted(cfg["model"]["backbones"]):
+        raise ArtifactError(f"export: {report_path} holds weights for {sorted(report['weights'])}, the config's "
+                            f"backbones are {cfg['model']['backbones']}; re-run: ./run.sh ensemble -c CONFIG")
+    jobs = {(b, f): train_artifact(cfg, b, f, fingerprint) for b in cfg["model"]["backbones"]
+            for f in range(cfg["folds"]["k"])}
+    stamps = require_all(list(jobs.values()), "fold checkpoints not usable, run the train stage first")
+    tokens = {f"{b} fold {f}": s["token"] for (b, f), s in zip(jobs, stamps)}
+    artifact = bundle_artifact(cfg, tokens, report)
+    with artifact.lock():
+        if artifact.is_fresh() and not force:
+            print(f"[export] {artifact.state()[1]}; skipping (--force to export again)")
+            return artifact.folder
+        artifact.invalidate()
+        members = _members(cfg, report, jobs)
+        graph = EnsembleGraph(cfg, [(m, w) for m, w, _, _ in members], report["combine"]).eval()
+        size = cfg["data"]["image_size"]
+        _export_graph(graph, artifact.path(GRAPH), size)
+        parity = _check_graph(graph, artifact.path(GRAPH), sample_crops)
+        nets = export_nets(nets_folder(cfg["faces"]))
+        for name in NETS:
+            atomic_write_bytes(artifact.path(f"mtcnn/{name}.onnx"), nets[name].read_bytes())
+        manifest = _manifest(cfg, report, members, fingerprint, artifact, parity)
+        atomic_write_json(artifact.path(MANIFEST), manifest)
+        artifact.seal(parity_max_abs=parity)
+    print(f"[export] {artifact.folder}: {len(members)} models in one graph, {size[0]}x{size[1]} input, TTA "
+          f"{cfg['infer']['tta']}; onnxruntime vs torch on {len(sample_crops)} crops: max |diff| {parity:.2e}")
+    return artifact.folder
+
+
+def _export_graph(graph: nn.Module, path: Path, size) -> None:
+    from timm.utils.onnx import onnx_export
+
+    example = torch.randint(0, 256, (2, size[1], size[0], 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    tmp = path.parent / f".{path.name}.export"
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    onnx_export(copy.deepcopy(graph), str(tmp), example_input=example, input_names=["crops"],
+                output_names=["probabilities"], opset=17, check=True)
+    atomic_write_bytes(path, tmp.read_bytes())
+    tmp.unlink()
+
+
+def _check_graph(graph: nn.Module, path: Path, crops: np.ndarray) -> float:
+    """Max |onnxruntime - torch| over the sample crops; over 1e-4 the export is refused."""
+    import onnxruntime as ort
+
+    with torch.no_grad():
+        expected = graph(torch.from_numpy(np.ascontiguousarray(crops))).numpy()
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = session.run(None, {"crops": np.ascontiguousarray(crops)})[0]
+    worst = float(np.abs(got - expected).max()) if len(crops) else 0.0
+    if worst > 1e-4:
+        raise ArtifactError(f"export: {path} differs from the torch ensemble by {worst:.2e} (> 1e-4) on real crops")
+    return worst
+
+
+def _manifest(cfg: dict, report: dict, members, fingerprint: dict, artifact: Artifact, parity: float) -> dict:
+    files = [GRAPH, *(f"mtcnn/{n}.onnx" for n in NETS)]
+    return {
+        "format": FORMAT, "version": VERSION,
+        "classes": class_names(),
+        "heads": {"mask": list(labels.MASK_NAMES), "gender": [labels.GENDER_NAMES[g] for g in (0, 1)],
+                  "age": list(labels.AGE_NAMES)},
+        "outputs": {key: list(span) for key, span in OUTPUT_COLUMNS.items()},
+        "input": {"size": list(cfg["data"]["image_size"]), "layout": "NHWC uint8 RGB",
+                  "normalisation": {"mean": cfg["augment"]["mean"], "std": cfg["augment"]["std"], "in_graph": True}},
+        "crop": crop_rule(cfg),
+        "faces": {key: cfg["faces"][key] for key in SETTINGS if key != "person_box"},
+        "max_image_pixels": cfg["data"]["max_image_pixels"],
+        "tta": {"views": list(cfg["infer"]["tta"]), "in_graph": True},
+        "ensemble": {"combine": report["combine"], "backbone_weights": report["weights"], "in_graph": True,
+                     "members": [{"backbone": b, "fold": f, "weight": round(w, 8)} for _, w, b, f in members]},
+        "graph": GRAPH, "mtcnn": {name: f"mtcnn/{name}.onnx" for name in NETS},
+        "files": {name: file_digest(artifact.path(name)) for name in files},
+        "provenance": {"config_hash": stable_hash(redacted(cfg)), "git_commit": git_commit(),
+                       "data_fingerprint": fingerprint, "oof_macro_f1": report["ensemble"],
+                       "selected_with": "oof_tta" if report["use_tta"] else "oof", "onnx_vs_torch_max_abs": parity,
+                       "config": redacted(cfg)},
+    }
+

@@ -1,0 +1,212 @@
+"""At the door: the bundle (one ONNX graph + bundle.json), its torch-free runtime, and predict on photos,
+folders, videos and camera-sized frames."""
+import json
+import os
+import subprocess
+import sys
+
+import cv2
+import numpy as np
+import pandas as pd
+import pytest
+from matplotlib import cbook
+
+from pipeline import labels
+from pipeline.artifacts import EVAL_PROBS, infer_artifact, train_artifact
+from pipeline.data.dataset import eval_identity, train_fingerprint
+from pipeline.data.images import cached_images
+from pipeline.data.layout import load_eval, load_train
+from pipeline.data.pixels import image_set
+from pipeline.errors import MissingArtifactError
+from pipeline.evaluate.ensemble import combine
+from pipeline.evaluate.tables import mean_of_folds
+from pipeline.gate.runtime import BundleError, Gate, ImageError, decode
+from pipeline.io import PROJECT_ROOT
+from pipeline.stages import ensemble, export, folds, infer, oof, predict, synth, train
+from tests.conftest import make_config
+
+TINY = ["synth.people=24", "synth.eval_people=4", "synth.image_size=[96,128]", "data.image_size=[32,40]",
+        "folds.k=2", "model.backbones=[mobilenetv3_small_050,regnetx_002]", "train.epochs=2", "train.batch_size=16",
+        "infer.tta=[none,hflip]", "ensemble.weight_step=0.25"]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("gate")
+    cfg = make_config(tmp, tmp / "data", *TINY)
+    for stage in (synth, folds, train, oof, infer, ensemble):
+        stage.run(cfg)
+    folder = export.run(cfg)
+    return {"cfg": cfg, "tmp": tmp, "bundle": folder}
+
+
+@pytest.fixture(scope="module")
+def portrait() -> np.ndarray:
+    return cv2.cvtColor(cv2.imread(str(cbook.get_sample_data("grace_hopper.jpg", asfileobj=False))), cv2.COLOR_BGR2RGB)
+
+
+def _frame(portrait, x=400, y=100, scale=0.8):
+    frame = np.full((720, 1280, 3), 90, np.uint8)
+    small = cv2.resize(portrait, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
+    frame[y:y + small.shape[0], x:x + small.shape[1]] = small
+    return frame
+
+
+def test_the_bundle_gives_the_torch_pipelines_probabilities_on_the_eval_images(run):
+    cfg = run["cfg"]
+    table, _ = load_train(cfg)
+    eval_table, _ = load_eval(cfg)
+    fingerprint, eval_key = train_fingerprint(cfg, table), eval_identity(cfg, eval_table)
+    report = json.loads((run["tmp"] / "run" / "ensemble.json").read_text())
+    members = []
+    for backbone in cfg["model"]["backbones"]:
+        paths = {f: infer_artifact(cfg, backbone, f, train_artifact(cfg, backbone, f, fingerprint).read_stamp()["token"],
+                                   eval_key).path(EVAL_PROBS) for f in range(cfg["folds"]["k"])}
+        members.append(mean_of_folds(paths, eval_table["ImageID"].to_numpy().astype(str), backbone))
+    expected = combine(members, [report["weights"][b] for b in cfg["model"]["backbones"]], report["combine"])
+    crops = cached_images(cfg, image_set(cfg, "eval", eval_table["file"]))
+    got = Gate(run["bundle"]).classify(np.asarray(crops))
+    for key in labels.TABLE_KEYS:
+        assert np.abs(got[key] - expected[key]).max() < 1e-4, key
+    assert (got["joint"].argmax(1) == expected["joint"].argmax(1)).all()
+
+
+def test_predict_on_the_eval_folder_gives_the_submissions_classes(run):
+    cfg = run["cfg"]
+    rows = predict.run(cfg, input=str(run["tmp"] / "data" / "eval" / "images"))
+    submission = pd.read_csv(run["tmp"] / "run" / "submission.csv")
+    got = {row["source"]: row["class"] for row in rows}
+    assert len(rows) == len(submission) and got == dict(zip(submission["ImageID"], submission["ans"]))
+    written = pd.read_csv(run["tmp"] / "run" / "predict" / "predictions.csv")
+    assert list(written["class"]) == [row["class"] for row in rows]
+
+
+def test_predict_finds_and_judges_a_real_face_in_a_camera_frame(run, portrait, tmp_path):
+    frame_file = tmp_path / "frame.jpg"
+    cv2.imwrite(str(frame_file), _frame(portrait)[:, :, ::-1])
+    rows = predict.run(run["cfg"], input=str(frame_file), faces="all", draw=True, out=str(tmp_path / "out"))
+    assert len(rows) == 1
+    row = rows[0]
+    assert 400 < row["x0"] < row["x1"] < 400 + 512 * 0.8 and 100 < row["y0"] < row["y1"] < 100 + 600 * 0.8
+    assert row["verdict"] in ("ok", "incorrect", "no_mask") and 0 <= row["class"] < 18
+    annotated = cv2.imread(str(tmp_path / "out" / "annotated" / "frame.jpg"))
+    assert annotated.shape == (720, 1280, 3)
+    assert not np.array_equal(annotated, cv2.imread(str(frame_file)))  # the box and verdict are drawn
+
+
+def test_predict_on_a_video_samples_frames_and_writes_json_lines(run, portrait, tmp_path):
+    video = tmp_path / "door.avi"
+    writer = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"MJPG"), 10, (640, 360))
+    for i in range(20):  # 2 s at 10 fps: the person walks in from the left
+        writer.write(cv2.resize(_frame(portrait, x=100 + 20 * i), (640, 360))[:, :, ::-1])
+    writer.release()
+    rows = predict.run(run["cfg"], input=str(video), fps=2, out=str(tmp_path / "out"))
+    lines = [json.loads(line) for line in (tmp_path / "out" / "predictions.jsonl").read_text().splitlines()]
+    assert [line["frame"] for line in lines] == [0, 5, 10, 15]
+    assert all(len(line["faces"]) == 1 for line in lines) and len(rows) == 4
+    assert lines[-1]["faces"][0]["box"][0] > lines[0]["faces"][0]["box"][0]  # the box follows the face
+
+
+def test_the_runtime_runs_with_torch_and_timm_unimportable(run, portrait, tmp_path):
+    frame_file = tmp_path / "frame.png"
+    cv2.imwrite(str(frame_file), _frame(portrait)[:, :, ::-1])
+    code = ("import sys, json\n"
+            "for name in ('torch', 'timm', 'torchvision', 'facenet_pytorch', 'albumentations', 'pandas'):\n"
+            "    sys.modules[name] = None  # any import of them now raises ImportError\n"
+            "from pipeline.gate.runtime import Gate, decode\n"
+            f"gate = Gate({str(run['bundle'])!r})\n"
+            f"faces = gate.predict(decode(open({str(frame_file)!r}, 'rb').read(), 10**8))\n"
+            "print(json.dumps([f['verdict'] for f in faces]))\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'timm') and sys.modules[m]))\n")
+    done = subprocess.run([sys.executable, "-c", code], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    verdicts, modules = done.stdout.strip().splitlines()
+    assert len(json.loads(verdicts)) == 1 and modules == "[]"
+
+
+def test_a_second_export_of_the_same_run_writes_the_same_files(run):
+    files = sorted(p for p in run["bundle"].rglob("*") if p.is_file() and p.name != "done.json")
+    before = {p: p.read_bytes() for p in files}
+    export.run(run["cfg"], force=True)
+    assert sorted(p for p in run["bundle"].rglob("*") if p.is_file() and p.name != "done.json") == files
+    assert all(p.read_bytes() == before[p] for p in files), [p.name for p in files if p.read_bytes() != before[p]]
+
+
+@pytest.mark.parametrize("field, value", [("classes", ["worn", "not_worn"]), ("input.size", [64, 64]),
+                                          ("heads", {"mask": ["mask", "no_mask"]})])
+def test_a_bundle_made_for_other_classes_or_another_input_size_is_refused_naming_the_field(run, tmp_path, field, value):
+    import shutil
+
+    copy = tmp_path / "bundle"
+    shutil.copytree(run["bundle"], copy)
+    manifest = json.loads((copy / "bundle.json").read_text())
+    node = manifest
+    *parents, last = field.split(".")
+    for part in parents:
+        node = node[part]
+    node[last] = value
+    (copy / "bundle.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match=rf"field '{field}'"):
+        Gate(copy)
+
+
+def test_a_bundle_with_a_swapped_graph_is_refused_naming_the_file(run, tmp_path):
+    import shutil
+
+    copy = tmp_path / "bundle"
+    shutil.copytree(run["bundle"], copy)
+    shutil.copy(copy / "mtcnn" / "pnet.onnx", copy / "ensemble.onnx")
+    with pytest.raises(BundleError, match="ensemble.onnx is not the file it was exported with"):
+        Gate(copy)
+
+
+def test_predict_without_a_bundle_names_the_export_stage(tmp_path):
+    cfg = make_config(tmp_path, tmp_path / "data")
+    with pytest.raises(MissingArtifactError, match=r"bundle.json not found; run: ./run.sh export"):
+        predict.run(cfg, input=str(tmp_path))
+
+
+@pytest.mark.parametrize("body, reason", [
+    (b"", "empty body"), (b"hello, not an image", "not a JPEG or PNG"),
+    ("truncated", "truncated JPEG"), ("bomb", "more than the gate takes")])
+def test_untrusted_bytes_are_refused_with_a_one_line_reason(portrait, body, reason):
+    jpeg = cv2.imencode(".jpg", portrait)[1].tobytes()
+    if body == "truncated":
+        body = jpeg[:len(jpeg) // 2]
+    elif body == "bomb":
+        import struct
+        import zlib
+
+        png = bytearray(cv2.imencode(".png", np.zeros((8, 8), np.uint8))[1].tobytes())
+        png[16:24] = struct.pack(">II", 30000, 30000)
+        png[29:33] = struct.pack(">I", zlib.crc32(bytes(png[12:29])))
+        body = bytes(png)
+    with pytest.raises(ImageError, match=reason):
+        decode(body, 16_777_216)
+    assert decode(jpeg, 16_777_216).shape == portrait.shape
+
+
+@pytest.mark.parametrize("mode", ["joint", "heads"])
+def test_the_graph_votes_as_the_ensemble_stage_with_unequal_weights(mode):
+    """EnsembleGraph against the pipeline's own path: predict (TTA) per model, then combine with weights."""
+    import torch
+
+    from pipeline.config import load_config
+    from pipeline.gate.export import EnsembleGraph
+    from pipeline.train.model import MaskNet
+    from pipeline.train.predict import eval_normalize
+    from pipeline.train.predict import predict as torch_predict
+
+    cfg = load_config("configs/demo.yaml", ["data.image_size=[32,40]", "infer.tta=[none,hflip]"])
+    torch.manual_seed(0)
+    models = [MaskNet("mobilenetv3_small_050", head).eval() for head in ("multihead", "single")]
+    crops = np.random.default_rng(0).integers(0, 255, (6, 40, 32, 3), dtype=np.uint8)
+    graph = EnsembleGraph(cfg, [(models[0], 0.7), (models[1], 0.3)], mode).eval()
+    with torch.no_grad():
+        got = graph(torch.from_numpy(crops)).numpy()
+    normalize = eval_normalize(cfg, torch.device("cpu"))
+    tables = [torch_predict(m, crops, np.arange(6), normalize, 8, ["none", "hflip"], amp=False) for m in models]
+    expected = combine(tables, [0.7, 0.3], mode)
+    for key, (a, b) in {"mask": (0, 3), "gender": (3, 5), "age": (5, 8), "joint": (8, 26)}.items():
+        np.testing.assert_allclose(got[:, a:b], expected[key], atol=1e-5)
