@@ -214,14 +214,17 @@ def stable_hash(obj, length: int = 12) -> str:
 
 
 _URL_PASSWORD = re.compile(r"(?P<user>\b[a-z][a-z0-9+.-]*://[^/:@\s]*):[^@\s]*@", re.IGNORECASE)
+_URL_QUERY = re.compile(r"(?P<url>\bhttps?://[^\s?#]+)\?[^\s#]+", re.IGNORECASE)
 
 
 def redacted(value):
-    """A copy with the password of every URL (`scheme://user:password@host`) replaced by ***.
+    """A copy with the password of every URL (`scheme://user:password@host`) and the query of every http(s)
+    URL (`?token=...`) replaced by ***.
 
-    Artifacts and logs never hold a secret: the config's storage URL may carry a database password."""
+    Artifacts and logs never hold a secret: the config's storage URL may carry a database password, a
+    webhook URL a token."""
     if isinstance(value, str):
-        return _URL_PASSWORD.sub(r"\g<user>:***@", value)
+        return _URL_QUERY.sub(r"\g<url>?***", _URL_PASSWORD.sub(r"\g<user>:***@", value))
     if isinstance(value, dict):
         return {key: redacted(item) for key, item in value.items()}
     if isinstance(value, (list, tuple)):

@@ -310,6 +310,17 @@ class TuneSection(_Section):
         return self
 
 
+class GateSection(_Section):
+    host: _described(Text, "an address to listen on, e.g. 127.0.0.1")
+    port: _int(ge=1, le=65535)
+    max_upload_mb: Positive
+    webhook: _described(Annotated[str, Field(pattern=r"^https?://\S+$")] | None, "null or an http(s):// URL")
+    webhook_timeout_s: Positive
+    track_seconds: Positive
+    track_iou: _float(gt=0, le=1)
+    events_kept: Count
+
+
 class RunnerSection(_Section):
     mode: _one_of("local", "ray")
     address: _described(Annotated[str, Field(pattern=RAY_ADDRESS)] | None,
@@ -370,6 +381,7 @@ class Config(BaseModel):
     infer: InferSection
     ensemble: EnsembleSection
     tune: TuneSection
+    gate: GateSection
     runner: RunnerSection
 
     @field_validator("train")

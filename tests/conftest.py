@@ -44,3 +44,40 @@ def data_copy(tiny_data, tmp_path) -> Path:
 @pytest.fixture(autouse=True)
 def _run_in_project_root(monkeypatch):
     monkeypatch.chdir(Path(__file__).resolve().parents[1])
+
+
+GATE_RUN = ["synth.people=24", "synth.eval_people=4", "synth.image_size=[96,128]", "data.image_size=[32,40]",
+            "folds.k=2", "model.backbones=[mobilenetv3_small_050,regnetx_002]", "train.epochs=2",
+            "train.batch_size=16", "infer.tta=[none,hflip]", "ensemble.weight_step=0.25"]
+
+
+@pytest.fixture(scope="session")
+def gate_run(tmp_path_factory) -> dict:
+    """A tiny finished run (2 backbones x 2 folds) and its exported bundle, made once per test session."""
+    from pipeline.stages import ensemble, export, folds, infer, oof, synth, train
+
+    tmp = tmp_path_factory.mktemp("gate")
+    cfg = make_config(tmp, tmp / "data", *GATE_RUN)
+    for stage in (synth, folds, train, oof, infer, ensemble):
+        stage.run(cfg)
+    return {"cfg": cfg, "tmp": tmp, "bundle": export.run(cfg)}
+
+
+@pytest.fixture(scope="session")
+def portrait():
+    """Grace Hopper's portrait (512x600, RGB), a real photograph that matplotlib ships."""
+    import cv2
+    from matplotlib import cbook
+
+    return cv2.cvtColor(cv2.imread(str(cbook.get_sample_data("grace_hopper.jpg", asfileobj=False))), cv2.COLOR_BGR2RGB)
+
+
+def camera_frame(portrait, x: int = 400, y: int = 100, scale: float = 0.8):
+    """A 1280x720 camera frame with the portrait at (x, y), scaled."""
+    import cv2
+    import numpy as np
+
+    frame = np.full((720, 1280, 3), 90, np.uint8)
+    small = cv2.resize(portrait, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
+    frame[y:y + small.shape[0], x:x + small.shape[1]] = small
+    return frame

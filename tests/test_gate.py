@@ -9,7 +9,6 @@ import cv2
 import numpy as np
 import pandas as pd
 import pytest
-from matplotlib import cbook
 
 from pipeline import labels
 from pipeline.artifacts import EVAL_PROBS, infer_artifact, train_artifact
@@ -22,34 +21,12 @@ from pipeline.evaluate.ensemble import combine
 from pipeline.evaluate.tables import mean_of_folds
 from pipeline.gate.runtime import BundleError, Gate, ImageError, decode
 from pipeline.io import PROJECT_ROOT
-from pipeline.stages import ensemble, export, folds, infer, oof, predict, synth, train
-from tests.conftest import make_config
+from pipeline.stages import export, predict
+from tests.conftest import camera_frame, make_config
 
-TINY = ["synth.people=24", "synth.eval_people=4", "synth.image_size=[96,128]", "data.image_size=[32,40]",
-        "folds.k=2", "model.backbones=[mobilenetv3_small_050,regnetx_002]", "train.epochs=2", "train.batch_size=16",
-        "infer.tta=[none,hflip]", "ensemble.weight_step=0.25"]
-
-
-@pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("gate")
-    cfg = make_config(tmp, tmp / "data", *TINY)
-    for stage in (synth, folds, train, oof, infer, ensemble):
-        stage.run(cfg)
-    folder = export.run(cfg)
-    return {"cfg": cfg, "tmp": tmp, "bundle": folder}
-
-
-@pytest.fixture(scope="module")
-def portrait() -> np.ndarray:
-    return cv2.cvtColor(cv2.imread(str(cbook.get_sample_data("grace_hopper.jpg", asfileobj=False))), cv2.COLOR_BGR2RGB)
-
-
-def _frame(portrait, x=400, y=100, scale=0.8):
-    frame = np.full((720, 1280, 3), 90, np.uint8)
-    small = cv2.resize(portrait, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
-    frame[y:y + small.shape[0], x:x + small.shape[1]] = small
-    return frame
+@pytest.fixture
+def run(gate_run):
+    return gate_run
 
 
 def test_the_bundle_gives_the_torch_pipelines_probabilities_on_the_eval_images(run):
@@ -83,7 +60,7 @@ def test_predict_on_the_eval_folder_gives_the_submissions_classes(run):
 
 def test_predict_finds_and_judges_a_real_face_in_a_camera_frame(run, portrait, tmp_path):
     frame_file = tmp_path / "frame.jpg"
-    cv2.imwrite(str(frame_file), _frame(portrait)[:, :, ::-1])
+    cv2.imwrite(str(frame_file), camera_frame(portrait)[:, :, ::-1])
     rows = predict.run(run["cfg"], input=str(frame_file), faces="all", draw=True, out=str(tmp_path / "out"))
     assert len(rows) == 1
     row = rows[0]
@@ -98,7 +75,7 @@ def test_predict_on_a_video_samples_frames_and_writes_json_lines(run, portrait, 
     video = tmp_path / "door.avi"
     writer = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"MJPG"), 10, (640, 360))
     for i in range(20):  # 2 s at 10 fps: the person walks in from the left
-        writer.write(cv2.resize(_frame(portrait, x=100 + 20 * i), (640, 360))[:, :, ::-1])
+        writer.write(cv2.resize(camera_frame(portrait, x=100 + 20 * i), (640, 360))[:, :, ::-1])
     writer.release()
     rows = predict.run(run["cfg"], input=str(video), fps=2, out=str(tmp_path / "out"))
     lines = [json.loads(line) for line in (tmp_path / "out" / "predictions.jsonl").read_text().splitlines()]
@@ -109,7 +86,7 @@ def test_predict_on_a_video_samples_frames_and_writes_json_lines(run, portrait, 
 
 def test_the_runtime_runs_with_torch_and_timm_unimportable(run, portrait, tmp_path):
     frame_file = tmp_path / "frame.png"
-    cv2.imwrite(str(frame_file), _frame(portrait)[:, :, ::-1])
+    cv2.imwrite(str(frame_file), camera_frame(portrait)[:, :, ::-1])
     code = ("import sys, json\n"
             "for name in ('torch', 'timm', 'torchvision', 'facenet_pytorch', 'albumentations', 'pandas'):\n"
             "    sys.modules[name] = None  # any import of them now raises ImportError\n"

@@ -35,6 +35,7 @@ STAGES = (
     Stage("ensemble", "soft-vote folds and backbones into submission.csv", "all"),
     Stage("export", "the run's ensemble as a portable bundle: one ONNX graph, its face finder, bundle.json", ""),
     Stage("predict", "predict photos, a folder, a video or a camera with a bundle: a box and a verdict per face", ""),
+    Stage("serve", "the gate's HTTP server on 127.0.0.1: camera page, POST /predict, events, webhook", ""),
     Stage("summary", "print the summary table (run.sh adds timings and the demo's held-out score)", ""),
     Stage("tune", "Optuna study over config values with pruning and retries", ""),
     Stage("dashboard", "serve the Optuna dashboard for tune.storage on 127.0.0.1", ""),
