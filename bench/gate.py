@@ -140,6 +140,8 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=60)
     parser.add_argument("--clients", type=int, default=4)
     parser.add_argument("--gpu-fast", action="store_true")
+    parser.add_argument("--min-face", type=int, default=None, help="time the face finder with this smallest face "
+                                                                    "(source pixels) instead of the bundle's")
     parser.add_argument("--out")
     args = parser.parse_args()
     from pipeline.config import load_config
@@ -147,12 +149,14 @@ def main() -> None:
     from pipeline.gate.runtime import Gate
 
     gate = Gate(args.bundle)
+    if args.min_face:
+        gate.faces_cfg = {**gate.faces_cfg, "min_face": args.min_face}
     image = frame()
     where = gate.crops(image, "all")
     assert len(where) == 1, f"expected one face in the bench frame, found {len(where)}"
     crop = crop_and_resize(image, where[0]["crop"], gate.size)[None]
     manifest = gate.manifest
-    results = {"machine": f"{os.cpu_count()} cores", "bundle": str(args.bundle),
+    results = {"machine": f"{os.cpu_count()} cores", "bundle": str(args.bundle), "faces": gate.faces_cfg,
                "models": len(manifest["ensemble"]["members"]), "input": manifest["input"]["size"],
                "tta": manifest["tta"]["views"]}
     results["find_faces"] = timed(lambda: gate.find_faces(image), args.frames)

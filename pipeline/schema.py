@@ -319,6 +319,7 @@ class GateSection(_Section):
     track_seconds: Positive
     track_iou: _float(gt=0, le=1)
     events_kept: Count
+    min_face: _described(_int(ge=12) | None, "null (the bundle's faces.min_face) or an integer >= 12")
 
 
 class RunnerSection(_Section):

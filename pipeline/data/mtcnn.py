@@ -58,16 +58,38 @@ class _Integral:
     resampled exactly as torch's area mode does, without resampling the image again for each."""
 
     def __init__(self, image: np.ndarray):
-        self.sums = np.zeros((image.shape[0] + 1, image.shape[1] + 1, image.shape[2]), np.float64)
-        self.sums[1:, 1:] = image.astype(np.float64).cumsum(0).cumsum(1)
+        height, width, channels = image.shape
+        kind = np.int32 if height * width * 255 < 2 ** 31 else np.int64  # integers: exact sums
+        self.columns = np.zeros((height + 1, width, channels), kind)  # running sums down each column
+        np.cumsum(image, axis=0, dtype=kind, out=self.columns[1:])
+        self.sums = np.zeros((height + 1, width + 1, channels), kind)
+        np.cumsum(self.columns[1:], axis=1, dtype=kind, out=self.sums[1:, 1:])
 
-    def resize(self, y0: int, x0: int, y1: int, x1: int, height: int, width: int) -> np.ndarray:
-        """The rectangle [y0, y1) x [x0, x1) resampled to height x width, float32."""
-        top, bottom = _bins(y0, y1 - y0, height)
-        left, right = _bins(x0, x1 - x0, width)
+    def resize(self, height: int, width: int) -> np.ndarray:
+        """The whole image resampled to height x width, float32: rows first, then columns (separable)."""
+        top, bottom = _bins(0, self.columns.shape[0] - 1, height)
+        left, right = _bins(0, self.columns.shape[1], width)
+        rows = self.columns[bottom] - self.columns[top]  # (height, W, 3): each output row's input rows summed
+        across = np.zeros((height, rows.shape[1] + 1, rows.shape[2]), rows.dtype)
+        np.cumsum(rows, axis=1, out=across[:, 1:])
+        total = across[:, right] - across[:, left]
+        count = ((bottom - top)[:, None] * (right - left)[None, :])[..., None]
+        return (total / count).astype(np.float32)
+
+    def patches(self, boxes: np.ndarray, size: int) -> np.ndarray:
+        """(n, size, size, 3): each integer box (y0, x0, y1, x1) resampled to size x size, in one gather."""
+        y0, x0, y1, x1 = (boxes[:, k:k + 1] for k in range(4))
+        i = np.arange(size)[None]
+        top, bottom = y0 + (i * (y1 - y0)) // size, y0 + -(-((i + 1) * (y1 - y0)) // size)
+        left, right = x0 + (i * (x1 - x0)) // size, x0 + -(-((i + 1) * (x1 - x0)) // size)
+        return self._mean(top, bottom, left, right)
+
+    def _mean(self, top, bottom, left, right) -> np.ndarray:
         s = self.sums
-        total = s[np.ix_(bottom, right)] - s[np.ix_(top, right)] - s[np.ix_(bottom, left)] + s[np.ix_(top, left)]
-        count = ((bottom - top)[:, None] * (right - left)[None, :])[:, :, None]
+        rows_b, rows_t = bottom[:, :, None], top[:, :, None]
+        cols_r, cols_l = right[:, None, :], left[:, None, :]
+        total = s[rows_b, cols_r] - s[rows_t, cols_r] - s[rows_b, cols_l] + s[rows_t, cols_l]
+        count = ((bottom - top)[:, :, None] * (right - left)[:, None, :])[..., None]
         return (total / count).astype(np.float32)
 
 
@@ -122,8 +144,8 @@ def _patches(integral: _Integral, height: int, width: int, boxes: np.ndarray,
     ex = np.minimum(ints[:, 2], width)
     ey = np.minimum(ints[:, 3], height)
     valid = (ey > y - 1) & (ex > x - 1)
-    patches = [integral.resize(y[k] - 1, x[k] - 1, ey[k], ex[k], size, size) for k in np.flatnonzero(valid)]
-    batch = np.stack(patches) if patches else np.zeros((0, size, size, 3), np.float32)
+    rectangles = np.stack([y - 1, x - 1, ey, ex], axis=1)[valid]
+    batch = integral.patches(rectangles, size) if len(rectangles) else np.zeros((0, size, size, 3), np.float32)
     return ((batch - 127.5) * 0.0078125).transpose(0, 3, 1, 2).astype(np.float32), valid
 
 
@@ -156,7 +178,7 @@ class Detector:
             shortest *= FACTOR
         candidates = []
         for scale in scales:  # first stage: P-net over the pyramid, NMS within each scale
-            resized = integral.resize(0, 0, height, width, int(height * scale + 1), int(width * scale + 1))
+            resized = integral.resize(int(height * scale + 1), int(width * scale + 1))
             reg, prob = self._run("pnet", ((resized - 127.5) * 0.0078125).transpose(2, 0, 1)[None].astype(np.float32))
             found = _cells(reg[0], prob[0, 1], scale, THRESHOLDS[0])
             candidates.append(found[_nms(found[:, :4], found[:, 4], 0.5)])

@@ -101,7 +101,7 @@ def serve(cfg: dict, bundle: Path, host: str, port: int) -> None:
     from pipeline.artifacts import output_dir
 
     g = cfg["gate"]
-    gate = Gate(bundle)
+    gate = Gate(bundle, min_face=g["min_face"])
     events = EventLog(output_dir(cfg, "gate", "events.jsonl"), g["track_seconds"], g["track_iou"], g["events_kept"],
                       g["webhook"], g["webhook_timeout_s"])
     app = create_app(gate, events, int(g["max_upload_mb"] * 1024 * 1024))

@@ -37,7 +37,7 @@ def run(cfg: dict, force: bool = False, input: str = "", out=None, bundle=None, 
     folder = Path(bundle) if bundle else output_dir(cfg, "bundle")
     if not (folder / "bundle.json").exists():
         raise MissingArtifactError(f"bundle: {folder / 'bundle.json'} not found; run: ./run.sh export -c CONFIG")
-    gate = Gate(folder)
+    gate = Gate(folder, min_face=cfg["gate"]["min_face"])
     out = Path(out) if out else output_dir(cfg, "predict")
     kind, items = sources(input)
     if kind == "photos":
