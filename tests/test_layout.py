@@ -58,7 +58,7 @@ def test_the_readme_stage_table_lists_exactly_the_stages():
 def test_run_sh_takes_its_chain_from_the_stage_list():
     out = subprocess.run([sys.executable, "-m", "pipeline", "--chain", "demo"], cwd=PROJECT_ROOT,
                          capture_output=True, text=True, check=True).stdout.split()
-    assert out == chain(demo=True) == ["synth", "check", "faces", "folds", "train", "oof", "infer", "ensemble"]
+    assert out == chain(demo=True) == ["synth", "check", "faces", "folds", "train", "oof", "audit", "infer", "ensemble"]
     unknown = subprocess.run([sys.executable, "-m", "pipeline", "trian"], cwd=PROJECT_ROOT, capture_output=True,
                              text=True)
     assert unknown.returncode != 0 and "unknown stage 'trian'" in unknown.stderr and "train" in unknown.stderr

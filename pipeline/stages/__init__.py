@@ -31,6 +31,7 @@ STAGES = (
     Stage("folds", "assign person-grouped, stratified folds", "all"),
     Stage("train", "train every (backbone, fold) job with early stopping and checkpoints", "all"),
     Stage("oof", "pool out-of-fold predictions; report macro F1 with plots", "all"),
+    Stage("audit", "rank the training labels most likely wrong (cleanlab on OOF); suggested fixes for review", "all"),
     Stage("infer", "predict eval and validation images with TTA for every fold model", "all"),
     Stage("ensemble", "soft-vote folds and backbones into submission.csv", "all"),
     Stage("export", "the run's ensemble as a portable bundle: one ONNX graph, its face finder, bundle.json", ""),
