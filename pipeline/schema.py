@@ -269,6 +269,7 @@ class EnsembleSection(_Section):
                            AfterValidator(_divides_one)]
     combine: _one_of("joint", "heads")
     use_tta: Bool
+    decision: _one_of("argmax", "offsets")
 
 
 class TuneSection(_Section):

@@ -187,3 +187,24 @@ def test_the_graph_votes_as_the_ensemble_stage_with_unequal_weights(mode):
     expected = combine(tables, [0.7, 0.3], mode)
     for key, (a, b) in {"mask": (0, 3), "gender": (3, 5), "age": (5, 8), "joint": (8, 26)}.items():
         np.testing.assert_allclose(got[:, a:b], expected[key], atol=1e-5)
+
+
+def test_with_the_offsets_decision_rule_the_bundle_still_gives_the_submissions_classes(run, tmp_path):
+    """ensemble.decision: offsets changes submission.csv; the bundle carries the offsets, so predict follows."""
+    import shutil
+
+    from pipeline.config import with_values
+    from pipeline.stages import ensemble
+
+    shutil.copytree(run["tmp"] / "run", tmp_path / "run")
+    cfg = with_values(run["cfg"], {"output.dir": str(tmp_path / "run"), "ensemble.decision": "offsets"})
+    report = ensemble.run(cfg)
+    assert report["decision"]["rule"] == "offsets" and len(report["decision"]["offsets"]) == 18
+    assert {"argmax_f1", "nested_f1", "fitted_on_all_f1"} <= set(report["decision"])
+    export.run(cfg)
+    manifest = json.loads((tmp_path / "run" / "bundle" / "bundle.json").read_text())
+    assert manifest["decision"]["offsets"] == report["decision"]["offsets"] or \
+        not any(report["decision"]["offsets"])  # all-zero offsets export as the plain argmax
+    rows = predict.run(cfg, input=str(run["tmp"] / "data" / "eval" / "images"))
+    submission = pd.read_csv(tmp_path / "run" / "submission.csv")
+    assert {row["source"]: row["class"] for row in rows} == dict(zip(submission["ImageID"], submission["ans"]))

@@ -64,8 +64,23 @@ def backbone_weights(oof_members: list[dict], label: np.ndarray, ensemble_cfg: d
     return fit_weights(oof_members, label, ensemble_cfg["weight_step"], ensemble_cfg["combine"])
 
 
-def submission_frame(info: pd.DataFrame, joint: np.ndarray) -> pd.DataFrame:
-    """info.csv with `ans` filled by the argmax class, checked before anyone writes it."""
-    submission = pd.DataFrame({"ImageID": info["ImageID"], "ans": joint.argmax(1).astype(np.int64)})
+def nested_weights_f1(oof_members: list[dict], label: np.ndarray, fold: np.ndarray, ensemble_cfg: dict) -> float:
+    """Macro F1 of the ensemble with its backbone weights fitted on all folds but one and scored on that one,
+    pooled: the honest estimate beside the weights fitted and scored on the whole OOF."""
+    joint = np.zeros((len(label), labels.NUM_CLASSES))
+    for f in np.unique(fold):
+        held = fold == f
+        weights = backbone_weights([{k: v[~held] for k, v in m.items()} for m in oof_members], label[~held], ensemble_cfg)
+        joint[held] = combine([{k: v[held] for k, v in m.items()} for m in oof_members], weights,
+                              ensemble_cfg["combine"])["joint"]
+    return float(score_probs({"joint": joint, **labels.heads_from_joint(joint)}, label)["f1"])
+
+
+def submission_frame(info: pd.DataFrame, joint: np.ndarray, offsets=None) -> pd.DataFrame:
+    """info.csv with `ans` filled by the decision rule (the argmax, or with ensemble.decision: offsets the
+    argmax of log-probabilities plus the fitted per-class offsets), checked before anyone writes it."""
+    from pipeline.evaluate.decision import decide
+
+    submission = pd.DataFrame({"ImageID": info["ImageID"], "ans": decide(joint, offsets).astype(np.int64)})
     check_submission(submission, info)
     return submission

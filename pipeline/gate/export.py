@@ -67,10 +67,18 @@ class EnsembleGraph(nn.Module):
 
 def bundle_artifact(cfg: dict, train_tokens: dict, ensemble_report: dict) -> Artifact:
     identity = {"train_tokens": train_tokens, "weights": ensemble_report["weights"],
+                "decision": _decision(ensemble_report),
                 "combine": ensemble_report["combine"], "tta": list(cfg["infer"]["tta"]), "crop": crop_rule(cfg),
                 "faces": {key: cfg["faces"][key] for key in SETTINGS}, "augment": {k: cfg["augment"][k] for k in ("mean", "std")}}
     return Artifact(what="bundle", folder=output_dir(cfg, "bundle"), identity=identity,
                     remedy="./run.sh export -c CONFIG", outputs=(GRAPH, MANIFEST, *(f"mtcnn/{n}.onnx" for n in NETS)))
+
+
+def _decision(report: dict) -> dict:
+    """The ensemble's decision rule: the argmax, or per-class offsets on the log-probabilities."""
+    decision = report.get("decision", {})
+    offsets = decision.get("offsets") if decision.get("rule") == "offsets" else None
+    return {"rule": "offsets" if offsets else "argmax", "offsets": offsets}
 
 
 def _members(cfg: dict, report: dict, stamps: dict) -> list[tuple[nn.Module, float, str, int]]:
@@ -163,6 +171,7 @@ def _manifest(cfg: dict, report: dict, members, fingerprint: dict, artifact: Art
         "tta": {"views": list(cfg["infer"]["tta"]), "in_graph": True},
         "ensemble": {"combine": report["combine"], "backbone_weights": report["weights"], "in_graph": True,
                      "members": [{"backbone": b, "fold": f, "weight": round(w, 8)} for _, w, b, f in members]},
+        "decision": _decision(report),
         "graph": GRAPH, "mtcnn": {name: f"mtcnn/{name}.onnx" for name in NETS},
         "files": {name: file_digest(artifact.path(name)) for name in files},
         "provenance": {"config_hash": stable_hash(redacted(cfg)), "git_commit": git_commit(),

@@ -19,6 +19,7 @@ import numpy as np
 from pipeline import labels
 from pipeline.data.crop import crop_and_resize, crop_box, face_crop_box
 from pipeline.data.mtcnn import NETS, find_faces
+from pipeline.evaluate.decision import decide  # numpy only: the submission's own rule
 from pipeline.errors import MaskfoldError
 
 FORMAT, VERSION = "maskfold-bundle", 1  # the bundle format this runtime reads (pipeline/gate/export.py writes it)
@@ -110,6 +111,11 @@ class Gate:
         out = self.session.run(None, {self.session.get_inputs()[0].name: np.ascontiguousarray(crops, np.uint8)})[0]
         return {key: out[:, a:b] for key, (a, b) in self.manifest["outputs"].items()}
 
+    def _decide(self, joint: np.ndarray) -> np.ndarray:
+        """The ensemble's decision rule, as the submission made it: argmax, or with per-class offsets."""
+        offsets = (self.manifest.get("decision") or {}).get("offsets")
+        return decide(joint, None if offsets is None else np.asarray(offsets))
+
     def find_faces(self, image: np.ndarray):
         f = self.faces_cfg
         # one thread: MTCNN's many small runs got slower with two (73 ms -> 129 ms on a 640x360 frame here)
@@ -143,7 +149,7 @@ class Gate:
         names = class_names()
         records = []
         for i, w in enumerate(where):
-            joint = int(probs["joint"][i].argmax())
+            joint = int(self._decide(probs["joint"][i:i + 1])[0])
             heads = {}
             for head, head_names in self.manifest["heads"].items():
                 k = int(probs[head][i].argmax())

@@ -12,7 +12,8 @@ from pipeline import labels
 from pipeline.artifacts import EVAL_PROBS, VAL_PROBS_TTA, output_dir, output_lock
 from pipeline.data.dataset import eval_identity, train_fingerprint
 from pipeline.data.layout import load_eval, load_train
-from pipeline.evaluate.ensemble import backbone_weights, combine, submission_frame
+from pipeline.evaluate.decision import nested_gain
+from pipeline.evaluate.ensemble import backbone_weights, combine, nested_weights_f1, submission_frame
 from pipeline.evaluate.metrics import score_probs
 from pipeline.evaluate.tables import check_coverage, fresh_infer_artifacts, mean_of_folds, oof_table, pool_folds, probs_of
 from pipeline.io import atomic_write_json, atomic_write_text, provenance
@@ -34,17 +35,22 @@ def run(cfg: dict, force: bool = False) -> dict:
         oof.append(probs_of(pooled))
         oof_tta.append(probs_of(pooled_tta))
         evals.append(mean_of_folds({fold: out.path(EVAL_PROBS) for fold, out in infer.items()}, eval_ids, backbone))
-    label = pooled["label"]  # every pooled table is sorted by image id, so labels align across backbones
-    weights = backbone_weights(oof_tta if e["use_tta"] else oof, label, e)
+    label, fold = pooled["label"], pooled["fold"]  # every pooled table is sorted by image id: rows align
+    used = oof_tta if e["use_tta"] else oof
+    weights = backbone_weights(used, label, e)
     members = {b: {"weight": float(w), "oof": score_probs(oof[i], label), "oof_tta": score_probs(oof_tta[i], label)}
                for i, (b, w) in enumerate(zip(backbones, weights))}
     scores = {"oof": score_probs(combine(oof, weights, e["combine"]), label),
               "oof_tta": score_probs(combine(oof_tta, weights, e["combine"]), label)}
-    submission = submission_frame(info[["ImageID", "ans"]], combine(evals, weights, e["combine"])["joint"])
+    # honest estimates (fitted on all folds but one, scored on that one) beside the fitted ones
+    scores["nested_weights_f1"] = nested_weights_f1(used, label, fold, e) if len(backbones) > 1 else None
+    decision = {"rule": e["decision"], **nested_gain(combine(used, weights, e["combine"])["joint"], label, fold)}
+    offsets = np.array(decision["offsets"]) if e["decision"] == "offsets" else None
+    submission = submission_frame(info[["ImageID", "ans"]], combine(evals, weights, e["combine"])["joint"], offsets)
     out = output_dir(cfg)
     report = {"members": members, "weights": dict(zip(backbones, map(float, weights))), "combine": e["combine"],
               "weights_mode": e["weights"], "use_tta": e["use_tta"], "tta": cfg["infer"]["tta"],
-              "ensemble": scores, "submission": str(out / "submission.csv"),
+              "ensemble": scores, "decision": decision, "submission": str(out / "submission.csv"),
               "predicted_class_counts": np.bincount(submission["ans"], minlength=labels.NUM_CLASSES).tolist(),
               **provenance(cfg, cfg["train"]["seed"], fingerprint)}
     with output_lock(cfg, "ensemble"):  # submission.csv and ensemble.json from one run, never two
@@ -53,6 +59,11 @@ def run(cfg: dict, force: bool = False) -> dict:
     for b, m in members.items():
         print(f"[ensemble] {b:<32} weight {m['weight']:.2f}  OOF F1 {m['oof']['f1']:.4f}  "
               f"with TTA {m['oof_tta']['f1']:.4f}")
+    if scores["nested_weights_f1"] is not None:
+        print(f"[ensemble] backbone weights fitted on other folds, scored on each (honest): OOF F1 "
+              f"{scores['nested_weights_f1']:.4f}")
+    print(f"[ensemble] decision rule (ensemble.decision: {e['decision']}): argmax {decision['argmax_f1']:.4f}; per-class "
+          f"offsets fitted on other folds {decision['nested_f1']:.4f} (honest), on all folds {decision['fitted_on_all_f1']:.4f}")
     print(f"[ensemble] ensemble OOF F1 {scores['oof']['f1']:.4f}, with TTA {scores['oof_tta']['f1']:.4f}; "
           f"wrote {out / 'submission.csv'} ({len(submission)} rows)")
     return report
