@@ -24,7 +24,8 @@ from pydantic_core import PydanticCustomError
 # the modules that implement these own their lists; they import no torch
 from pipeline.data.crop import MODES as CROP_MODES, PERSON_BOX  # noqa: E402
 
-TTA_VIEWS = "none, hflip or scale:<factor > 0>"
+SCALE_RANGE = (0.5, 2.0)  # a scale TTA view outside it is a typo (the probe loaded scale:1e9), not a view
+TTA_VIEWS = f"none, hflip or scale:<factor in [{SCALE_RANGE[0]}, {SCALE_RANGE[1]}]>"
 SPACE_TYPES = ("float", "int", "categorical")
 STORAGE_URL = r"^(sqlite:///.+|journal:.+|(postgresql|mysql)(\+\w+)?://.+|env:[A-Za-z_][A-Za-z0-9_]*)$"
 RAY_ADDRESS = r"^(auto|[^\s/:]+:\d+)$"
@@ -78,8 +79,9 @@ def _tta_view(view: str) -> str:
 
 
 def _positive_number(text: str) -> bool:
+    """A scale factor in SCALE_RANGE."""
     try:
-        return math.isfinite(float(text)) and float(text) > 0
+        return math.isfinite(float(text)) and SCALE_RANGE[0] <= float(text) <= SCALE_RANGE[1]
     except ValueError:
         return False
 

@@ -52,7 +52,9 @@ def test_keys_that_outside_checks_rely_on_exist():
 
 @pytest.mark.parametrize("override, key, allowed", [
     ("train.schedule=cosin", "train.schedule = 'cosin'", "one of cosine, step, plateau, none"),
-    ("infer.tta=[vflip]", "infer.tta = ['vflip']", "none, hflip or scale:<factor > 0>"),
+    ("infer.tta=[vflip]", "infer.tta = ['vflip']", "none, hflip or scale:<factor in [0.5, 2.0]>"),
+    ("infer.tta=['scale:1e9']", "infer.tta = ['scale:1e9']", "scale:<factor in [0.5, 2.0]>"),
+    ("infer.tta=['scale:0.01']", "infer.tta = ['scale:0.01']", "scale:<factor in [0.5, 2.0]>"),
     ("ensemble.weights=fitt", "ensemble.weights = 'fitt'", "one of equal, fit"),
     ("model.head=multi", "model.head = 'multi'", "one of multihead, single"),
     ('data.image_size=[288,"x"]', "data.image_size = [288, 'x']", "2 integers [w, h], each >= 16"),

@@ -401,3 +401,31 @@ def test_every_head_loss_schedule_and_cutmix_option_trains(tmp_path, tiny_data, 
     probs = load_npz(job_folder(tmp_path) / "val_probs.npz")
     np.testing.assert_allclose(probs["probs_joint"].sum(1), 1, rtol=1e-4)
     np.testing.assert_allclose(probs["probs_mask"].sum(1), 1, rtol=1e-4)
+
+
+def test_a_scale_tta_view_on_a_fixed_size_backbone_is_refused_before_training(tmp_path, tiny_data):
+    cfg = make_config(tmp_path, tiny_data, *FAST, "model.backbones=[test_vit]", "data.image_size=[160,160]",
+                      "infer.tta=[none,'scale:1.1']")
+    with pytest.raises(ConfigError, match=r"test_vit has a fixed input size, so infer.tta view\(s\) scale:1.1"):
+        train.run(cfg)
+    assert not (tmp_path / "run" / "train").exists()  # refused before any job started
+    from pipeline.stages import infer
+
+    with pytest.raises(ConfigError, match="test_vit has a fixed input size"):
+        infer.run(cfg)
+
+
+def test_class_weights_are_moved_to_the_device_once_not_at_every_step():
+    from pipeline.train.losses import loss_fn
+
+    moves = []
+
+    class Weights:  # stands for a host tensor; counts the copies the loss asks for
+        def to(self, device):
+            moves.append(device)
+            return torch.ones(3)
+
+    compute = loss_fn("ce", Weights(), 0.0, 2.0)
+    for _ in range(4):
+        compute(torch.randn(5, 3), torch.tensor([0, 1, 2, 0, 1]))
+    assert len(moves) == 1

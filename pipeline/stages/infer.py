@@ -8,10 +8,13 @@ from pipeline.artifacts import job_list, require_all, train_artifact
 from pipeline.data.dataset import load_infer_data
 from pipeline.runner import run_jobs
 from pipeline.stages import stage_main
+from pipeline.train.model import check_tta
 from pipeline.train.predict import infer_job
 
 
 def run(cfg: dict, force: bool = False) -> list:
+    for backbone in cfg["model"]["backbones"]:
+        check_tta(cfg, backbone)  # a TTA list changed after training is refused before any image is decoded
     inputs = load_infer_data(cfg)  # eval images decoded once here into data.cache_dir, which every job reads
     jobs = job_list(cfg)
     # every checkpoint must be there before any work starts: name each one that is not

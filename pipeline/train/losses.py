@@ -19,9 +19,15 @@ def loss_fn(name: str, weight: torch.Tensor | None, label_smoothing: float, foca
     if name not in LOSSES:
         raise ValueError(f"train.loss {name!r} is not one of {', '.join(LOSSES)}")
 
+    on_device: dict = {}  # the weights copied to a device once, not at every step (a blocking copy on CUDA)
+
     def compute(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         logits = logits.float()
-        w = weight.to(logits.device) if weight is not None else None
+        w = None
+        if weight is not None:
+            if logits.device not in on_device:
+                on_device[logits.device] = weight.to(logits.device)
+            w = on_device[logits.device]
         if name == "ce":
             return F.cross_entropy(logits, target, weight=w)
         if name == "smooth":

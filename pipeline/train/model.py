@@ -164,6 +164,16 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def check_tta(cfg: dict, backbone: str) -> None:
+    """A scale TTA view resizes the input; a backbone whose input size is fixed (ViT, Swin, ...) cannot take
+    it, and would only crash at the infer stage, after all the training: refuse it before."""
+    pretrained_cfg = timm.get_pretrained_cfg(backbone)
+    scaled = [v for v in cfg["infer"]["tta"] if str(v).startswith("scale:") and float(str(v)[6:]) != 1.0]
+    if scaled and pretrained_cfg and pretrained_cfg.fixed_input_size:
+        raise ConfigError(f"model.backbones: {backbone} has a fixed input size, so infer.tta view(s) "
+                          f"{', '.join(scaled)} cannot run on it; use none and hflip, or another backbone")
+
+
 def check_backbones(cfg: dict) -> None:
     """Every configured backbone is a timm model, its pretrained file (if any) exists, and it takes the
     configured input size; all problems named at once."""
@@ -175,6 +185,7 @@ def check_backbones(cfg: dict) -> None:
             continue
         try:
             check_input_size(cfg, backbone)
+            check_tta(cfg, backbone)
             if cfg["model"]["pretrained"] and backbone not in cfg["model"]["pretrained_files"]:
                 cached_weights(backbone)  # offline: fails in seconds, before any data is decoded
         except ConfigError as error:
