@@ -45,7 +45,7 @@ class EnsembleGraph(nn.Module):
         super().__init__()
         self.normalize = Normalize(cfg, torch.device("cpu"))
         self.models = nn.ModuleList(model for model, _ in members)
-        self.register_buffer("weights", torch.tensor([w for _, w in members], dtype=torch.float32))
+        self.weights = [float(w) for _, w in members]  # constants of the graph, one per member
         self.head_kinds = [model.head_kind for model, _ in members]
         self.tta = list(cfg["infer"]["tta"])
         self.combine = combine
@@ -121,7 +121,7 @@ def export_bundle(cfg: dict, fingerprint: dict, sample_crops: np.ndarray, force:
         nets = export_nets(nets_folder(cfg["faces"]))
         for name in NETS:
             atomic_write_bytes(artifact.path(f"mtcnn/{name}.onnx"), nets[name].read_bytes())
-        manifest = _manifest(cfg, report, members, fingerprint, artifact, parity)
+        manifest = _manifest(cfg, report, members, fingerprint, artifact)
         atomic_write_json(artifact.path(MANIFEST), manifest)
         artifact.seal(parity_max_abs=parity)
     print(f"[export] {artifact.folder}: {len(members)} models in one graph, {size[0]}x{size[1]} input, TTA "
@@ -155,7 +155,7 @@ def _check_graph(graph: nn.Module, path: Path, crops: np.ndarray) -> float:
     return worst
 
 
-def _manifest(cfg: dict, report: dict, members, fingerprint: dict, artifact: Artifact, parity: float) -> dict:
+def _manifest(cfg: dict, report: dict, members, fingerprint: dict, artifact: Artifact) -> dict:
     files = [GRAPH, *(f"mtcnn/{n}.onnx" for n in NETS)]
     return {
         "format": FORMAT, "version": VERSION,
@@ -176,7 +176,10 @@ def _manifest(cfg: dict, report: dict, members, fingerprint: dict, artifact: Art
         "files": {name: file_digest(artifact.path(name)) for name in files},
         "provenance": {"config_hash": stable_hash(redacted(cfg)), "git_commit": git_commit(),
                        "data_fingerprint": fingerprint, "oof_macro_f1": report["ensemble"],
-                       "selected_with": "oof_tta" if report["use_tta"] else "oof", "onnx_vs_torch_max_abs": parity,
+                       "selected_with": "oof_tta" if report["use_tta"] else "oof",
+                       # the measured difference varies in the last bits with onnxruntime's threads: it is in
+                       # done.json; the manifest holds the bound, so a second export writes the same bytes
+                       "onnx_vs_torch_max_abs_below": 1e-4,
                        "config": redacted(cfg)},
     }
 
