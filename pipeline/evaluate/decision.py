@@ -56,10 +56,13 @@ def nested_gain(probs: np.ndarray, label: np.ndarray, fold: np.ndarray) -> dict:
     """Macro F1 of the argmax and of the offsets fitted on the other folds, pooled over the held-out folds;
     and, for comparison, the (optimistic) F1 of offsets fitted and scored on the whole table."""
     classes = probs.shape[1]
+    full = fit_offsets(probs, label)
+    report = {"argmax_f1": macro_f1(label, decide(probs), classes), "nested_f1": None,
+              "fitted_on_all_f1": macro_f1(label, decide(probs, full), classes), "offsets": full.round(4).tolist()}
+    if len(np.unique(fold)) < 2:  # nothing to hold out
+        return report
     nested = np.empty(len(label), np.int64)
     for f in np.unique(fold):
         held = fold == f
         nested[held] = decide(probs[held], fit_offsets(probs[~held], label[~held]))
-    full = fit_offsets(probs, label)
-    return {"argmax_f1": macro_f1(label, decide(probs), classes), "nested_f1": macro_f1(label, nested, classes),
-            "fitted_on_all_f1": macro_f1(label, decide(probs, full), classes), "offsets": full.round(4).tolist()}
+    return {**report, "nested_f1": macro_f1(label, nested, classes)}

@@ -64,9 +64,12 @@ def backbone_weights(oof_members: list[dict], label: np.ndarray, ensemble_cfg: d
     return fit_weights(oof_members, label, ensemble_cfg["weight_step"], ensemble_cfg["combine"])
 
 
-def nested_weights_f1(oof_members: list[dict], label: np.ndarray, fold: np.ndarray, ensemble_cfg: dict) -> float:
+def nested_weights_f1(oof_members: list[dict], label: np.ndarray, fold: np.ndarray,
+                      ensemble_cfg: dict) -> float | None:
     """Macro F1 of the ensemble with its backbone weights fitted on all folds but one and scored on that one,
-    pooled: the honest estimate beside the weights fitted and scored on the whole OOF."""
+    pooled: the honest estimate beside the weights fitted and scored on the whole OOF (None under 2 folds)."""
+    if len(np.unique(fold)) < 2:
+        return None
     joint = np.zeros((len(label), labels.NUM_CLASSES))
     for f in np.unique(fold):
         held = fold == f

@@ -62,8 +62,9 @@ def run(cfg: dict, force: bool = False) -> dict:
     if scores["nested_weights_f1"] is not None:
         print(f"[ensemble] backbone weights fitted on other folds, scored on each (honest): OOF F1 "
               f"{scores['nested_weights_f1']:.4f}")
+    nested = "n/a" if decision["nested_f1"] is None else f"{decision['nested_f1']:.4f}"
     print(f"[ensemble] decision rule (ensemble.decision: {e['decision']}): argmax {decision['argmax_f1']:.4f}; per-class "
-          f"offsets fitted on other folds {decision['nested_f1']:.4f} (honest), on all folds {decision['fitted_on_all_f1']:.4f}")
+          f"offsets fitted on other folds {nested} (honest), on all folds {decision['fitted_on_all_f1']:.4f}")
     print(f"[ensemble] ensemble OOF F1 {scores['oof']['f1']:.4f}, with TTA {scores['oof_tta']['f1']:.4f}; "
           f"wrote {out / 'submission.csv'} ({len(submission)} rows)")
     return report
