@@ -167,7 +167,7 @@ def write_best(cfg: dict, study: optuna.Study) -> Path | None:
     path = folder / "best.yaml"
     header = (f"# Best of Optuna study '{cfg['tune']['study']}' (trial {best.number}, mean val macro F1 "
               f"{best.value:.4f} on folds {cfg['tune']['folds']} after {cfg['tune']['epochs']} epochs).\n"
-              f"# Use it: python -m pipeline.train -c {path}\n")
+              f"# Use it: ./run.sh train -c {path}   (or every stage: ./run.sh all -c {path})\n")
     atomic_write_text(path, header + yaml.safe_dump(redacted(best_cfg), sort_keys=False))
     atomic_write_json(folder / "best.json", {"study": cfg["tune"]["study"], "trial": best.number,
                                              "value": best.value, "params": best.params,

@@ -176,3 +176,18 @@ def test_real_metadata_ingests_with_the_real_counts(tmp_path):
     assert (people["gender"] == 1).sum() == 1655 and (people["gender"] == 0).sum() == 1045
     assert any("000600-1" == i for i in people["id"])
     assert len(warnings) == 1 and "003397" in warnings[0]  # the real file reuses one id for two people
+
+
+def test_a_label_fix_by_an_id_two_people_share_is_refused_and_one_by_folder_fixes_one(tmp_path, data_copy):
+    """The real train.csv gives id 003397 to two people: a fix by that id must not change both."""
+    edit_train_csv(data_copy, lambda f: f.loc.__setitem__((1, "id"), f.loc[0, "id"]))
+    frame = pd.read_csv(data_copy / "train" / "train.csv", dtype=str)
+    shared, first, second = frame["id"][0], frame["path"][0], frame["path"][1]
+    fixes = tmp_path / "fixes.csv"
+    fixes.write_text(f"id,field,value,reason\n{shared},age,50,by id\n")
+    with pytest.raises(DataError, match=rf"fixes.csv row 1 \(id '{shared}'\): the id names 2 people .*{first}.*{second}"):
+        load_train(make_config(tmp_path, data_copy, f"data.label_fixes={fixes}"))
+    fixes.write_text(f"id,field,value,reason\n{second},age,50,by folder\n")
+    table, _ = load_train(make_config(tmp_path, data_copy, f"data.label_fixes={fixes}"))
+    ages = table.groupby("person_id")["age"].first()
+    assert ages[second] == 50 and ages[first] == int(frame["age"][0])

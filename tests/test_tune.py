@@ -12,7 +12,7 @@ import optuna
 import pytest
 
 from pipeline import study as study_lib
-from pipeline.stages import folds, tune
+from pipeline.stages import STAGE_NAMES, folds, tune
 from pipeline.config import load_config
 from pipeline.errors import ConfigError
 from pipeline.io import PROJECT_ROOT
@@ -37,6 +37,9 @@ def test_a_study_runs_its_trials_and_writes_a_loadable_best_config(tmp_path, tin
     study = optuna.load_study(study_name="demo", storage=f"sqlite:///{tmp_path}/optuna.db")
     assert len(study.trials) == 3
     best = load_config(result["best_config"])
+    header = [line for line in open(result["best_config"]) if line.startswith("# Use it:")][0]
+    stage = header.split("./run.sh ", 1)[1].split()[0]
+    assert stage in STAGE_NAMES  # the command it tells the user names a stage that exists
     for key, value in study.best_params.items():
         section, name = key.split(".")
         assert best[section][name] == value

@@ -193,17 +193,29 @@ def read_label_fixes(path) -> pd.DataFrame:
     return fixes
 
 
-def apply_label_fixes(people: pd.DataFrame, fixes: pd.DataFrame) -> tuple[pd.DataFrame, dict, list[str]]:
-    """Returns fixed people, {person_id: (stem_a, stem_b)} mask swaps, and a log line per fix."""
+def apply_label_fixes(people: pd.DataFrame, fixes: pd.DataFrame,
+                      source="label fixes") -> tuple[pd.DataFrame, dict, list[str], list[str]]:
+    """Returns fixed people, {person_id: (stem_a, stem_b)} mask swaps, a log line per fix, and problems.
+
+    A fix's `id` is a train.csv id or a person's folder name: the real data gives id 003397 to two
+    people, so a fix by an id that several people share is refused, naming their folders, rather than
+    applied to all of them."""
     people = people.copy()
-    swaps, log = {}, []
-    for row in fixes.itertuples(index=False):
-        matches = people.index[people["id"] == row.id]
+    swaps, log, problems = {}, [], []
+    for index, row in enumerate(fixes.itertuples(index=False), start=1):
+        matches = people.index[people["person_id"] == row.id]
+        if len(matches) == 0:
+            matches = people.index[people["id"] == row.id]
+        if len(matches) > 1:
+            folders = ", ".join(quoted(f) for f in people.loc[matches, "person_id"])
+            problems.append(f"{source} row {index} (id {quoted(row.id)}): the id names {len(matches)} people "
+                            f"({folders}); write the person's folder name in the id column to say which")
+            continue
         if len(matches) == 0:
             log.append(f"{row.id}: {row.field} fix skipped (person not in this data)")
         for i in matches:
             _apply_fix(people, swaps, log, i, row)
-    return people, swaps, log
+    return people, swaps, log, problems
 
 
 def _apply_fix(people, swaps, log, i, row) -> None:
@@ -236,7 +248,8 @@ def load_train(cfg: dict, strict: bool = True) -> tuple[pd.DataFrame, dict]:
             problems.extend(error.problems)
     swaps, fix_log = {}, []
     if fixes is not None:
-        people, swaps, fix_log = apply_label_fixes(people, fixes)
+        people, swaps, fix_log, fix_problems = apply_label_fixes(people, fixes, cfg["data"]["label_fixes"])
+        problems.extend(fix_problems)
     rows, image_files = [], []
     image_root = train_images(root)
     for person in people.itertuples(index=False):
