@@ -57,8 +57,7 @@ def detect_faces(images: list[np.ndarray], faces_cfg: dict) -> list[list[Face]]:
             for image in images]
 
 
-def _detect_chunk(files: list[str], faces_cfg: dict, max_pixels: int) -> tuple[list[dict], float]:
-    started = time.perf_counter()
+def _detect_chunk(files: list[str], faces_cfg: dict, max_pixels: int) -> list[dict]:
     images = [decode_file(file, max_pixels)[0] for file in files]
     rows = []
     for file, image, faces in zip(files, images, detect_faces(images, faces_cfg)):
@@ -67,7 +66,7 @@ def _detect_chunk(files: list[str], faces_cfg: dict, max_pixels: int) -> tuple[l
             rows.append(_row(file, width, height, index, face.box, face.score, face.landmarks, "detector"))
         if not faces:
             rows.append(_row(file, width, height, -1, None, np.nan, None, "fallback"))
-    return rows, time.perf_counter() - started
+    return rows
 
 
 def _row(file, width, height, face, box, score, landmarks, source) -> dict:
@@ -87,7 +86,7 @@ def detect_files(files: list[str], cfg: dict, desc: str = "faces") -> tuple[pd.D
         delayed(_detect_chunk)(chunk, cfg["faces"], cfg["data"]["max_image_pixels"])
         for chunk in tqdm(chunks, desc=desc, unit="x32img", leave=False))
     rate = len(files) / max(time.perf_counter() - started, 1e-9)
-    rows = [row for chunk_rows, _ in results for row in chunk_rows]
+    rows = [row for chunk_rows in results for row in chunk_rows]
     return pd.DataFrame(rows, columns=list(COLUMNS)), rate
 
 

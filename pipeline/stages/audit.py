@@ -20,6 +20,7 @@ from pipeline.data.layout import load_train, read_label_fixes
 from pipeline.evaluate.audit import COLUMNS, audit, planted_recall, suggested_fixes
 from pipeline.evaluate.ensemble import combine
 from pipeline.evaluate.tables import oof_table, probs_of
+from pipeline.errors import ArtifactError
 from pipeline.io import atomic_write_bytes, atomic_write_json, atomic_write_text, provenance
 from pipeline.stages import stage_main
 
@@ -33,7 +34,9 @@ def run(cfg: dict, force: bool = False) -> dict:
     members = []
     for backbone in cfg["model"]["backbones"]:
         pooled = oof_table(cfg, backbone, table, fingerprint)
-        assert (pooled["image_id"] == table["image_id"].to_numpy()).all()  # both sorted by image id
+        if not np.array_equal(pooled["image_id"], table["image_id"].to_numpy().astype(str)):  # both sorted by id
+            raise ArtifactError(f"audit: backbone {backbone}'s out-of-fold table does not list the training images "
+                                f"in order; re-run: ./run.sh oof -c CONFIG")
         members.append(probs_of(pooled))
     probs = combine(members, np.ones(len(members)), cfg["ensemble"]["combine"])
     suspects = audit(table, probs)
