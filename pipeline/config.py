@@ -22,7 +22,8 @@ from pipeline.schema import config_problems
 BASE_CONFIG = PROJECT_ROOT / "configs" / "base.yaml"
 
 # values that are paths: they may name other keys as {data.root} and the config as {config}
-PATH_KEYS = ("data.root", "data.label_fixes", "data.cache_dir", "faces.dir", "synth.out", "output.dir", "folds.dir")
+PATH_KEYS = ("data.root", "data.label_fixes", "data.cache_dir", "faces.dir", "synth.out", "output.dir", "folds.dir",
+             "pseudo.labels", "distill.teacher")
 PLACEHOLDER = re.compile(r"\{([^{}]*)\}")
 LEADING_PLACEHOLDER = re.compile(r"^\{[A-Za-z_][\w.]*\}")
 _MISSING = object()

@@ -274,6 +274,23 @@ class EnsembleSection(_Section):
     decision: _one_of("argmax", "offsets")
 
 
+class ThresholdsSection(_Section):
+    mask: _float(gt=0, le=1)
+    gender: _float(gt=0, le=1)
+    age: _float(gt=0, le=1)
+
+
+class PseudoSection(_Section):
+    labels: _described(Text | None, "null, or the path of a pseudo.csv the pseudo stage wrote (in a teacher run's "
+                                    "output.dir; may use {config} and {data.root})")
+    thresholds: _described(ThresholdsSection, "a mapping {mask, gender, age} of probabilities in (0, 1]")
+
+
+class DistillSection(_Section):
+    teacher: _described(Text | None, "null, or the path of an ensemble_probs.npz the ensemble stage wrote (in a "
+                                     "teacher run's output.dir; may use {config} and {data.root})")
+
+
 class TuneSection(_Section):
     trials: Count
     storage: Annotated[str, Field(pattern=STORAGE_URL,
@@ -384,6 +401,8 @@ class Config(BaseModel):
     augment: AugmentSection
     infer: InferSection
     ensemble: EnsembleSection
+    pseudo: PseudoSection
+    distill: DistillSection
     tune: TuneSection
     gate: GateSection
     runner: RunnerSection

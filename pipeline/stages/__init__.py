@@ -34,6 +34,7 @@ STAGES = (
     Stage("audit", "rank the training labels most likely wrong (cleanlab on OOF); suggested fixes for review", "all"),
     Stage("infer", "predict eval and validation images with TTA for every fold model", "all"),
     Stage("ensemble", "soft-vote folds and backbones into submission.csv", "all"),
+    Stage("pseudo", "pseudo-labels: the eval images the ensemble is sure of, per head, for a second run", ""),
     Stage("export", "the run's ensemble as a portable bundle: one ONNX graph, its face finder, bundle.json", ""),
     Stage("predict", "predict photos, a folder, a video or a camera with a bundle: a box and a verdict per face", ""),
     Stage("serve", "the gate's HTTP server on 127.0.0.1: camera page, POST /predict, events, webhook", ""),

@@ -2,21 +2,23 @@
 
 Reads only probability tables, each checked up to date against the current checkpoints (inference
 tables made from older ones are refused, naming the infer stage). Writes <output.dir>/submission.csv
-(info.csv's rows and order, checked) and ensemble.json.
+(info.csv's rows and order, checked), ensemble.json, and ensemble_probs.npz (the ensemble's probabilities of the
+eval images and its OOF ones of the training images: what the pseudo stage and a student learn from).
 """
 from __future__ import annotations
 
 import numpy as np
 
 from pipeline import labels
-from pipeline.artifacts import EVAL_PROBS, VAL_PROBS_TTA, output_dir, output_lock
+from pipeline.artifacts import EVAL_PROBS, VAL_PROBS_TTA, file_digest, output_dir, output_lock
 from pipeline.data.dataset import eval_identity, train_fingerprint
 from pipeline.data.layout import load_eval, load_train
+from pipeline.data.pseudo import ENSEMBLE_PROBS
 from pipeline.evaluate.decision import nested_gain
 from pipeline.evaluate.ensemble import backbone_weights, combine, nested_weights_f1, submission_frame
 from pipeline.evaluate.metrics import score_probs
 from pipeline.evaluate.tables import check_coverage, fresh_infer_artifacts, mean_of_folds, oof_table, pool_folds, probs_of
-from pipeline.io import atomic_write_json, atomic_write_text, provenance
+from pipeline.io import atomic_save_npz, atomic_write_json, atomic_write_text, provenance
 from pipeline.stages import stage_main
 
 
@@ -46,15 +48,23 @@ def run(cfg: dict, force: bool = False) -> dict:
     scores["nested_weights_f1"] = nested_weights_f1(used, label, fold, e) if len(backbones) > 1 else None
     decision = {"rule": e["decision"], **nested_gain(combine(used, weights, e["combine"])["joint"], label, fold)}
     offsets = np.array(decision["offsets"]) if e["decision"] == "offsets" else None
-    submission = submission_frame(info[["ImageID", "ans"]], combine(evals, weights, e["combine"])["joint"], offsets)
+    voted = combine(evals, weights, e["combine"])
+    submission = submission_frame(info[["ImageID", "ans"]], voted["joint"], offsets)
     out = output_dir(cfg)
+    # a teacher's tables, for pseudo-labels (pseudo stage) and a student (distill.teacher): the ensemble's
+    # probabilities of every eval image and its out-of-fold ones of every training image
+    teacher = {"eval_image_id": eval_ids, "oof_image_id": pooled["image_id"],
+               **{f"eval_{k}": voted[k].astype(np.float32) for k in labels.TABLE_KEYS},
+               **{f"oof_{k}": v.astype(np.float32) for k, v in combine(used, weights, e["combine"]).items()}}
     report = {"members": members, "weights": dict(zip(backbones, map(float, weights))), "combine": e["combine"],
               "weights_mode": e["weights"], "use_tta": e["use_tta"], "tta": cfg["infer"]["tta"],
               "ensemble": scores, "decision": decision, "submission": str(out / "submission.csv"),
               "predicted_class_counts": np.bincount(submission["ans"], minlength=labels.NUM_CLASSES).tolist(),
               **provenance(cfg, cfg["train"]["seed"], fingerprint)}
-    with output_lock(cfg, "ensemble"):  # submission.csv and ensemble.json from one run, never two
+    with output_lock(cfg, "ensemble"):  # submission.csv, ensemble_probs.npz and ensemble.json from one run, never two
         atomic_write_text(out / "submission.csv", submission.to_csv(index=False, lineterminator="\n"))
+        atomic_save_npz(out / ENSEMBLE_PROBS, **teacher)
+        report["probs"] = {"path": str(out / ENSEMBLE_PROBS), "digest": file_digest(out / ENSEMBLE_PROBS)}
         atomic_write_json(out / "ensemble.json", report)
     for b, m in members.items():
         print(f"[ensemble] {b:<32} weight {m['weight']:.2f}  OOF F1 {m['oof']['f1']:.4f}  "

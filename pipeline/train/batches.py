@@ -78,7 +78,12 @@ class ImageDataset(torch.utils.data.Dataset):
         row = self.rows[index]
         image = self.transform(image=np.asarray(self.images[row]))["image"]
         image = np.require(image, requirements=["C", "W"])  # a cache row with no transform is read-only
-        return torch.from_numpy(image), {name: int(v[row]) for name, v in self.targets.items()}
+        return torch.from_numpy(image), {name: _target(v[row]) for name, v in self.targets.items()}
+
+
+def _target(value):
+    """A label as an int, a teacher's probabilities (distill.teacher) as a float tensor."""
+    return int(value) if np.ndim(value) == 0 else torch.from_numpy(np.asarray(value, dtype=np.float32))
 
 
 class EpochSampler(torch.utils.data.Sampler):

@@ -39,7 +39,7 @@ from pipeline.train.augment import Normalize, gpu_augmenter, train_transform
 from pipeline.train.augment import engine as augment_engine
 from pipeline.train.batches import (DeviceBatches, ImageDataset, LoaderBatches, same_label_cutmix, sampler_weights,
                                     timed)
-from pipeline.train.losses import class_weights, loss_fn
+from pipeline.train.losses import class_weights, loss_fn, soft_loss
 from pipeline.train.model import autocast, build_model, prepare_model, resolve_device
 from pipeline.train.predict import eval_normalize, predict
 from pipeline.train.schedule import Schedule, make_optimizer
@@ -80,7 +80,7 @@ class Job:
     ema: object                              # timm ModelEmaV3, or None (train.ema_decay: 0)
     optimizer: torch.optim.Optimizer
     schedule: Schedule
-    criteria: dict
+    criteria: dict                           # head -> (batch target key, loss): see _criteria
     batches: LoaderBatches | DeviceBatches   # the training draws, uint8 on the device
     prepare: Normalize                       # uint8 -> model input (with the kornia augmentation, if that engine)
     store: object                            # the uint8 cache validation batches are cut from
@@ -122,10 +122,10 @@ def build_job(cfg: dict, backbone: str, fold: int, data: TrainData) -> Job:
         ema = ModelEmaV3(model, decay=t["ema_decay"], use_warmup=True)
     train_rows, val_rows = data.split(fold)
     targets = data.train_targets
-    criteria = {head: loss_fn(t["loss"], _head_class_weights(cfg, targets[head][train_rows], head),
-                              t["label_smoothing"], t["focal_gamma"])
-                for head in labels.trained_heads(cfg["model"]["head"])}
-    weights = sampler_weights(targets["joint"][train_rows]) if t["weighted_sampler"] else None
+    criteria = _criteria(cfg, data, train_rows)
+    if data.soft_targets is not None:  # a student: each head learns the teacher's probabilities
+        targets = {**targets, **{f"soft_{key}": value for key, value in data.soft_targets.items()}}
+    weights = sampler_weights(targets["group"][train_rows]) if t["weighted_sampler"] else None
     channels_last = device.type == "cuda" and t["channels_last"]
     store = data.store(device)
     if augment_engine(cfg, device) == "kornia":
@@ -141,10 +141,22 @@ def build_job(cfg: dict, backbone: str, fold: int, data: TrainData) -> Job:
                batches, prepare, store, val_rows, data.table.iloc[val_rows], steps)
 
 
+def _criteria(cfg: dict, data: TrainData, train_rows: np.ndarray) -> dict:
+    """{head: (the batch target it reads, its loss)}: the configured loss on the labels (a pseudo-labelled image's
+    unknown head, -1, adds nothing), or for a student (distill.teacher) the cross-entropy to the teacher's
+    probabilities, unweighted: the teacher's probabilities already carry its view of the rare classes."""
+    t = cfg["train"]
+    heads = labels.trained_heads(cfg["model"]["head"])
+    if data.soft_targets is not None:
+        return {head: (f"soft_{head}", soft_loss) for head in heads}
+    return {head: (head, loss_fn(t["loss"], _head_class_weights(cfg, data.train_targets[head][train_rows], head),
+                                 t["label_smoothing"], t["focal_gamma"])) for head in heads}
+
+
 def _head_class_weights(cfg: dict, head_targets: np.ndarray, head: str):
     if not cfg["train"]["class_weights"]:
         return None
-    return class_weights(head_targets, {**labels.HEADS, "joint": labels.NUM_CLASSES}[head])
+    return class_weights(head_targets[head_targets >= 0], {**labels.HEADS, "joint": labels.NUM_CLASSES}[head])
 
 
 def set_frozen(job: Job, frozen: bool) -> None:
@@ -158,7 +170,7 @@ def _step(cfg: dict, job: Job, images: torch.Tensor, targets: dict, step: int) -
     job.schedule.set(step)
     with autocast(job.device, cfg["train"]["amp"]):
         outputs = labels.split_logits(job.model(images), cfg["model"]["head"])
-    losses = {head: criterion(outputs[head], targets[head]) for head, criterion in job.criteria.items()}
+    losses = {head: criterion(outputs[head], targets[key]) for head, (key, criterion) in job.criteria.items()}
     loss = sum(cfg["model"]["head_weights"].get(head, 1.0) * value for head, value in losses.items())
     job.optimizer.zero_grad(set_to_none=True)
     loss.backward()
@@ -192,7 +204,7 @@ def train_one_epoch(cfg: dict, job: Job, epoch: int) -> dict:
         waited += wait
         images = job.prepare(images)
         if t["cutmix_p"] and float(torch.rand(1, generator=coin)) < t["cutmix_p"]:
-            images = same_label_cutmix(images, targets["joint"], mix)
+            images = same_label_cutmix(images, targets["group"], mix)
         losses = _step(cfg, job, images, targets, epoch * job.steps_per_epoch + step)
         seen += len(images)
         for head, value in losses.items():

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 LOSSES = ("ce", "focal", "smooth", "f1")
+IGNORE = -1  # the target of a head a pseudo-labelled image has no label for (pipeline.data.pseudo.UNLABELLED)
 
 
 def class_weights(targets: np.ndarray, num_classes: int) -> torch.Tensor:
@@ -22,29 +23,32 @@ def loss_fn(name: str, weight: torch.Tensor | None, label_smoothing: float, foca
     on_device: dict = {}  # the weights copied to a device once, not at every step (a blocking copy on CUDA)
 
     def compute(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """The batch's loss; rows whose target is IGNORE (a pseudo-label's unknown head) add nothing. Masked by
+        multiplication, never by indexing: a boolean index would wait for the GPU at every step."""
         logits = logits.float()
         w = None
         if weight is not None:
             if logits.device not in on_device:
                 on_device[logits.device] = weight.to(logits.device)
             w = on_device[logits.device]
-        if name == "ce":
-            return F.cross_entropy(logits, target, weight=w)
-        if name == "smooth":
-            return F.cross_entropy(logits, target, weight=w, label_smoothing=label_smoothing)
+        known = (target != IGNORE).float()
+        target = target.clamp(min=0)
+        row_weight = known * (w[target] if w is not None else 1.0)  # what F.cross_entropy's mean divides by
+        if name in ("ce", "smooth"):
+            smoothing = label_smoothing if name == "smooth" else 0.0
+            per_row = F.cross_entropy(logits, target, weight=w, label_smoothing=smoothing, reduction="none")
+            return (per_row * known).sum() / row_weight.sum().clamp(min=1e-12)
         if name == "focal":
             log_p = F.log_softmax(logits, dim=1)
             log_pt = log_p.gather(1, target[:, None]).squeeze(1)
             focal = (1 - log_pt.exp()) ** focal_gamma * -log_pt
-            if w is not None:
-                return (focal * w[target]).sum() / w[target].sum()
-            return focal.mean()
+            return (focal * row_weight).sum() / row_weight.sum().clamp(min=1e-12)
         # soft macro F1 over the batch: differentiable stand-in for the competition score
-        probs = logits.softmax(dim=1)
-        one_hot = F.one_hot(target, logits.shape[1]).float()
+        probs = logits.softmax(dim=1) * known[:, None]
+        one_hot = F.one_hot(target, logits.shape[1]).float() * known[:, None]
         tp = (probs * one_hot).sum(0)
         fp = (probs * (1 - one_hot)).sum(0)
-        fn = ((1 - probs) * one_hot).sum(0)
+        fn = ((known[:, None] - probs) * one_hot).sum(0)
         f1 = 2 * tp / (2 * tp + fp + fn + 1e-7)
         per_class = 1 - f1
         if w is not None:
@@ -52,3 +56,8 @@ def loss_fn(name: str, weight: torch.Tensor | None, label_smoothing: float, foca
         return per_class.mean()
 
     return compute
+
+
+def soft_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy to a teacher's probabilities (rows of `target` sum to 1): what a student learns from."""
+    return -(target.float() * F.log_softmax(logits.float(), dim=1)).sum(1).mean()
