@@ -340,6 +340,7 @@ class GateSection(_Section):
     track_iou: _float(gt=0, le=1)
     events_kept: Count
     min_face: _described(_int(ge=12) | None, "null (the bundle's faces.min_face) or an integer >= 12")
+    folds: _described(Folds | None, f"null (every fold model) or {FOLDS_ALLOWED}")
 
 
 class RunnerSection(_Section):
@@ -412,6 +413,12 @@ class Config(BaseModel):
     def _train_folds_exist(cls, train: TrainSection, info: ValidationInfo) -> TrainSection:
         _check_folds_exist("train.folds", train.folds, info.data.get("folds"))
         return train
+
+    @field_validator("gate")
+    @classmethod
+    def _gate_folds_exist(cls, gate: GateSection, info: ValidationInfo) -> GateSection:
+        _check_folds_exist("gate.folds", gate.folds, info.data.get("folds"))
+        return gate
 
     @field_validator("tune")
     @classmethod

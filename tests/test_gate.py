@@ -208,3 +208,27 @@ def test_with_the_offsets_decision_rule_the_bundle_still_gives_the_submissions_c
     rows = predict.run(cfg, input=str(run["tmp"] / "data" / "eval" / "images"))
     submission = pd.read_csv(tmp_path / "run" / "submission.csv")
     assert {row["source"]: row["class"] for row in rows} == dict(zip(submission["ImageID"], submission["ans"]))
+
+
+def test_gate_folds_puts_only_those_fold_models_in_the_bundle(run, tmp_path):
+    """gate.folds: [1]: one model per backbone at the door (a student's run), voting as its fold's tables do."""
+    import shutil
+
+    from pipeline.config import with_values
+
+    shutil.copytree(run["tmp"] / "run", tmp_path / "run")
+    cfg = with_values(run["cfg"], {"output.dir": str(tmp_path / "run"), "gate.folds": [1]})
+    folder = export.run(cfg)
+    manifest = json.loads((folder / "bundle.json").read_text())
+    assert [(m["backbone"], m["fold"]) for m in manifest["ensemble"]["members"]] == \
+        [(b, 1) for b in cfg["model"]["backbones"]]
+    table, _ = load_train(cfg)
+    eval_table, _ = load_eval(cfg)
+    fingerprint, eval_key = train_fingerprint(cfg, table), eval_identity(cfg, eval_table)
+    members = [mean_of_folds({1: infer_artifact(cfg, b, 1, train_artifact(cfg, b, 1, fingerprint).read_stamp()["token"],
+                                                eval_key).path(EVAL_PROBS)}, eval_table["ImageID"].to_numpy().astype(str), b)
+               for b in cfg["model"]["backbones"]]
+    expected = combine(members, [manifest["ensemble"]["backbone_weights"][b] for b in cfg["model"]["backbones"]],
+                       manifest["ensemble"]["combine"])
+    got = Gate(folder).classify(np.asarray(cached_images(cfg, image_set(cfg, "eval", eval_table["file"]))))
+    assert np.abs(got["joint"] - expected["joint"]).max() < 1e-4

@@ -81,12 +81,19 @@ def _decision(report: dict) -> dict:
     return {"rule": "offsets" if offsets else "argmax", "offsets": offsets}
 
 
+def exported_folds(cfg: dict) -> list[int]:
+    """The fold models a bundle holds per backbone: gate.folds, or every fold."""
+    chosen = cfg["gate"]["folds"]
+    return list(range(cfg["folds"]["k"])) if chosen is None else [int(f) for f in chosen]
+
+
 def _members(cfg: dict, report: dict, stamps: dict) -> list[tuple[nn.Module, float, str, int]]:
-    """Every fold model of every backbone with its share of the vote: backbone weight / folds."""
+    """Every exported fold model (gate.folds) of every backbone with its share of the vote: backbone weight / folds."""
     members = []
-    k = cfg["folds"]["k"]
+    folds = exported_folds(cfg)
+    k = len(folds)
     for backbone in cfg["model"]["backbones"]:
-        for fold in range(k):
+        for fold in folds:
             model = build_model(cfg, backbone, for_inference=True)
             model.load_state_dict(torch_load(stamps[(backbone, fold)].path(BEST))["model"])
             members.append((model.eval(), report["weights"][backbone] / k, backbone, fold))
@@ -104,7 +111,7 @@ def export_bundle(cfg: dict, fingerprint: dict, sample_crops: np.ndarray, force:
         raise ArtifactError(f"export: {report_path} holds weights for {sorted(report['weights'])}, the config's "
                             f"backbones are {cfg['model']['backbones']}; re-run: ./run.sh ensemble -c CONFIG")
     jobs = {(b, f): train_artifact(cfg, b, f, fingerprint) for b in cfg["model"]["backbones"]
-            for f in range(cfg["folds"]["k"])}
+            for f in exported_folds(cfg)}
     stamps = require_all(list(jobs.values()), "fold checkpoints not usable, run the train stage first")
     tokens = {f"{b} fold {f}": s["token"] for (b, f), s in zip(jobs, stamps)}
     artifact = bundle_artifact(cfg, tokens, report)

@@ -1,5 +1,5 @@
 """export stage: the ensemble of a finished run (every fold of every backbone, the ensemble's fitted weights,
-TTA, the crop rule, the face finder) as a self-contained bundle folder, <output.dir>/bundle/, that
+TTA, the crop rule, the face finder; gate.folds: only those folds) as a self-contained bundle folder, <output.dir>/bundle/, that
 pipeline/gate/runtime.py loads with onnxruntime, numpy and OpenCV only (pipeline.gate.export)."""
 from __future__ import annotations
 
