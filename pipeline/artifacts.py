@@ -237,6 +237,7 @@ def job_config(cfg: dict, backbone: str) -> dict:
         job.pop("faces")
     job["model"]["backbones"] = [backbone]
     job["model"]["pretrained_files"] = {k: v for k, v in cfg["model"]["pretrained_files"].items() if k == backbone}
+    job["model"]["tasks"] = {k: v for k, v in cfg["model"]["tasks"].items() if k == backbone}
     for section, keys in JOB_IGNORED.items():
         for key in keys:
             job.get(section, {}).pop(key, None)

@@ -85,37 +85,52 @@ def heads_from_joint(joint) -> dict:
     return {"mask": cube.sum((2, 3)), "gender": cube.sum((1, 3)), "age": cube.sum((1, 2))}
 
 
-def num_outputs(head_kind: str) -> int:
-    """Logits a model emits: the heads side by side, or the 18 classes."""
-    return sum(HEADS.values()) if head_kind == "multihead" else NUM_CLASSES
+def model_heads(tasks: dict, backbone: str) -> tuple[str, ...]:
+    """The heads a backbone predicts: model.tasks[backbone] (a per-task model, e.g. age alone), else all, in
+    logit order."""
+    chosen = tasks.get(backbone)
+    return tuple(HEADS) if not chosen else tuple(h for h in HEADS if h in chosen)
 
 
-def trained_heads(head_kind: str) -> tuple[str, ...]:
-    """The targets a model of this kind is trained on: each head, or the joint class."""
-    return tuple(HEADS) if head_kind == "multihead" else ("joint",)
+def table_keys(heads=tuple(HEADS)) -> tuple[str, ...]:
+    """What a model's probability tables hold: its heads, and the joint when it predicts every head."""
+    heads = tuple(heads)
+    return TABLE_KEYS if heads == tuple(HEADS) else heads
 
 
-def split_logits(logits, head_kind: str) -> dict:
+def num_outputs(head_kind: str, heads=tuple(HEADS)) -> int:
+    """Logits a model emits: its heads side by side, or the 18 classes."""
+    return sum(HEADS[h] for h in heads) if head_kind == "multihead" else NUM_CLASSES
+
+
+def trained_heads(head_kind: str, heads=tuple(HEADS)) -> tuple[str, ...]:
+    """The targets a model of this kind is trained on: each of its heads, or the joint class."""
+    return tuple(heads) if head_kind == "multihead" else ("joint",)
+
+
+def split_logits(logits, head_kind: str, heads=tuple(HEADS)) -> dict:
     """Logits per trained head (see trained_heads)."""
     if head_kind != "multihead":
         return {"joint": logits}
     parts, start = {}, 0
-    for name, size in HEADS.items():
-        parts[name] = logits[:, start:start + size]
-        start += size
+    for name in heads:
+        parts[name] = logits[:, start:start + HEADS[name]]
+        start += HEADS[name]
     return parts
 
 
-def probabilities(logits, head_kind: str) -> dict:
-    """Softmax per head and the 18-class joint from a torch logits batch (TABLE_KEYS).
+def probabilities(logits, head_kind: str, heads=tuple(HEADS)) -> dict:
+    """Softmax per head and the 18-class joint from a torch logits batch (table_keys(heads)).
 
-    A multihead model's joint is the product of its heads; a single-head model's heads are the
-    marginals of its joint.
+    A multihead model's joint is the product of its heads (a per-task model has no joint); a single-head
+    model's heads are the marginals of its joint.
     """
     logits = logits.float()
     if head_kind == "multihead":
-        heads = {name: part.softmax(1) for name, part in split_logits(logits, head_kind).items()}
-        return {**heads, "joint": joint_from_heads(heads["mask"], heads["gender"], heads["age"])}
+        probs = {name: part.softmax(1) for name, part in split_logits(logits, head_kind, heads).items()}
+        if tuple(heads) == tuple(HEADS):
+            probs["joint"] = joint_from_heads(probs["mask"], probs["gender"], probs["age"])
+        return probs
     joint = logits.softmax(1)
     return {**heads_from_joint(joint), "joint": joint}
 

@@ -23,6 +23,9 @@ from pydantic_core import PydanticCustomError
 
 # the modules that implement these own their lists; they import no torch
 from pipeline.data.crop import MODES as CROP_MODES, PERSON_BOX  # noqa: E402
+from pipeline.labels import HEADS  # noqa: E402
+
+HeadName = Literal[tuple(HEADS)]
 
 SCALE_RANGE = (0.5, 2.0)  # a scale TTA view outside it is a typo (the probe loaded scale:1e9), not a view
 TTA_VIEWS = f"none, hflip or scale:<factor in [{SCALE_RANGE[0]}, {SCALE_RANGE[1]}]>"
@@ -200,8 +203,26 @@ class ModelSection(_Section):
     pretrained: Bool
     pretrained_files: _described(dict[Text, Text], "a mapping of backbone name to weights file path")
     drop_rate: _float(ge=0, lt=1)
-    head_weights: _described(dict[Literal["mask", "gender", "age"], Positive],
-                             "a mapping of mask, gender and/or age to a number > 0")
+    head_weights: _described(dict[HeadName, Positive], "a mapping of mask, gender and/or age to a number > 0")
+    tasks: _described(dict[Text, Annotated[list[HeadName], Field(min_length=1), AfterValidator(_distinct)]],
+                      "a mapping of backbone name to the heads it alone trains, e.g. {efficientnet_b4: [age]}")
+
+    @model_validator(mode="after")
+    def _tasks_name_backbones_and_cover_every_head(self):
+        if not self.tasks:
+            return self
+        unknown = [b for b in self.tasks if b not in self.backbones]
+        if unknown:
+            raise _refuse(f"names {unknown[0]!r}, which is not in model.backbones", "model.tasks")
+        if self.head != "multihead":
+            raise _refuse("per-task backbones need model.head: multihead (a single 18-way head has no heads to "
+                          "choose)", "model.tasks")
+        covered = {h for b in self.backbones for h in self.tasks.get(b, HEADS)}
+        missing = [h for h in HEADS if h not in covered]
+        if missing:
+            raise _refuse(f"no backbone predicts the {missing[0]} head: list it for one of them, or leave one "
+                          f"backbone out of model.tasks (it then trains every head)", "model.tasks")
+        return self
 
 
 class TrainSection(_Section):
@@ -413,6 +434,16 @@ class Config(BaseModel):
     def _train_folds_exist(cls, train: TrainSection, info: ValidationInfo) -> TrainSection:
         _check_folds_exist("train.folds", train.folds, info.data.get("folds"))
         return train
+
+    @field_validator("ensemble")
+    @classmethod
+    def _per_task_models_vote_per_head(cls, ensemble: EnsembleSection, info: ValidationInfo) -> EnsembleSection:
+        model = info.data.get("model")
+        partial = model is not None and any(set(h) != set(HEADS) for h in model.tasks.values())
+        if partial and ensemble.combine != "heads":
+            raise _refuse("must be heads when model.tasks gives a backbone only some heads: its vote counts "
+                          "per head (an 18-class joint needs every head)", "ensemble.combine")
+        return ensemble
 
     @field_validator("gate")
     @classmethod

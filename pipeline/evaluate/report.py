@@ -31,7 +31,13 @@ def class_names() -> list[str]:
 
 def backbone_report(pooled: dict) -> dict:
     label, folds = pooled["label"], pooled["fold"]
-    scores = score_probs(probs_of(pooled), label)
+    probs = probs_of(pooled)
+    scores = score_probs(probs, label)
+    if "joint" not in probs:  # a per-task model (model.tasks): its heads' scores; its f1 is their mean
+        per_fold = {int(f): score_probs({k: v[folds == f] for k, v in probs.items()}, label[folds == f])["f1"]
+                    for f in np.unique(folds)}
+        return {**scores, "heads": list(probs), "per_fold_f1": per_fold,
+                "mean_fold_f1": float(np.mean(list(per_fold.values()))), "images": int(len(label))}
     pred = pooled["probs_joint"].argmax(1)
     per_fold = {int(f): macro_f1(label[folds == f], pred[folds == f]) for f in np.unique(folds)}
     return {**scores, "per_fold_f1": per_fold, "mean_fold_f1": float(np.mean(list(per_fold.values()))),
@@ -63,7 +69,7 @@ def plot_confusion(label, pred, title: str, path: Path) -> None:
 def plot_per_class(reports: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(10, 4))
     width = 0.8 / max(1, len(reports))
-    for i, (backbone, report) in enumerate(reports.items()):
+    for i, (backbone, report) in enumerate((b, r) for b, r in reports.items() if "per_class_f1" in r):
         ax.bar(np.arange(labels.NUM_CLASSES) + i * width, report["per_class_f1"], width, label=backbone)
     ax.set_xticks(np.arange(labels.NUM_CLASSES) + 0.4 - width / 2)
     ax.set_xticklabels(range(labels.NUM_CLASSES))
@@ -88,15 +94,20 @@ def markdown(reports: dict) -> str:
              "per fold |", "|---|---|---|---|---|---|---|"]
     for backbone, r in reports.items():
         folds = " ".join(f"{v:.3f}" for v in r["per_fold_f1"].values())
-        lines.append(f"| {backbone} | {r['f1']:.4f} | {r['f1_mask']:.4f} | {r['f1_gender']:.4f} | {r['f1_age']:.4f} "
-                     f"| {r['mean_fold_f1']:.4f} | {folds} |")
-    lines += ["", "## Per-class F1", "", "| class | support | " + " | ".join(reports) + " |",
-              "|---|---|" + "---|" * len(reports)]
-    first = next(iter(reports.values()))
-    for c, name in enumerate(class_names()):
-        lines.append(f"| {name} | {first['support'][c]} | "
-                     + " | ".join(f"{r['per_class_f1'][c]:.3f}" for r in reports.values()) + " |")
-    lines += ["", "![per-class F1](per_class_f1.png)", ""]
-    lines += [f"![confusion {b}](confusion_{safe_name(b)}.png)" for b in reports]
+        heads = " | ".join(f"{r[f'f1_{h}']:.4f}" if f"f1_{h}" in r else "-" for h in labels.HEADS)
+        mark = "" if "per_class_f1" in r else "*"
+        lines.append(f"| {backbone} | {r['f1']:.4f}{mark} | {heads} | {r['mean_fold_f1']:.4f} | {folds} |")
+    full = {b: r for b, r in reports.items() if "per_class_f1" in r}
+    if len(full) < len(reports):
+        lines += ["", "\\* a per-task model (model.tasks): the mean macro F1 of the heads it predicts"]
+    if full:
+        lines += ["", "## Per-class F1", "", "| class | support | " + " | ".join(full) + " |",
+                  "|---|---|" + "---|" * len(full)]
+        first = next(iter(full.values()))
+        for c, name in enumerate(class_names()):
+            lines.append(f"| {name} | {first['support'][c]} | "
+                         + " | ".join(f"{r['per_class_f1'][c]:.3f}" for r in full.values()) + " |")
+        lines += ["", "![per-class F1](per_class_f1.png)", ""]
+        lines += [f"![confusion {b}](confusion_{safe_name(b)}.png)" for b in full]
     return "\n".join(lines) + "\n"
 

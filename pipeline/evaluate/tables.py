@@ -1,7 +1,7 @@
 """Probability tables, the currency between train, oof, infer and ensemble.
 
 One .npz per (job, image set): `image_id`, `label` (where known) and one float32 array per entry of
-labels.TABLE_KEYS, stored as `probs_<key>`. Pooling a backbone's K validation tables gives its
+labels.TABLE_KEYS (a per-task model's: its heads, labels.table_keys), stored as `probs_<key>`. Pooling a backbone's K validation tables gives its
 out-of-fold table: every image predicted by the one model that never saw it.
 """
 from __future__ import annotations
@@ -20,13 +20,14 @@ def save_probs(path, table, probs: dict, **meta) -> None:
     columns = {"image_id": table["image_id"].to_numpy().astype(str)}
     if "label" in table:
         columns["label"] = table["label"].to_numpy().astype(np.int64)
-    atomic_save_npz(path, **columns, **{f"probs_{k}": probs[k].astype(np.float32) for k in labels.TABLE_KEYS},
+    atomic_save_npz(path, **columns, **{f"probs_{k}": probs[k].astype(np.float32) for k in labels.TABLE_KEYS
+                                        if k in probs},
                     **{k: np.asarray(v) for k, v in meta.items()})
 
 
 def probs_of(table: dict) -> dict[str, np.ndarray]:
-    """The probability arrays of a loaded table, keyed like labels.TABLE_KEYS."""
-    return {key: table[f"probs_{key}"] for key in labels.TABLE_KEYS}
+    """The probability arrays of a loaded table, keyed like labels.TABLE_KEYS (a per-task model's: its heads)."""
+    return {key: table[f"probs_{key}"] for key in labels.TABLE_KEYS if f"probs_{key}" in table}
 
 
 def pool_folds(paths: dict[int, object]) -> dict[str, np.ndarray]:
@@ -36,7 +37,7 @@ def pool_folds(paths: dict[int, object]) -> dict[str, np.ndarray]:
         table = load_npz(path)
         table["fold"] = np.full(len(table["image_id"]), fold)
         parts.append(table)
-    keys = ("image_id", "label", "fold", *(f"probs_{k}" for k in labels.TABLE_KEYS))
+    keys = ("image_id", "label", "fold", *(f"probs_{k}" for k in labels.TABLE_KEYS if f"probs_{k}" in parts[0]))
     pooled = {key: np.concatenate([p[key] for p in parts]) for key in keys}
     order = np.argsort(pooled["image_id"], kind="stable")
     return {key: value[order] for key, value in pooled.items()}
@@ -58,7 +59,7 @@ def mean_of_folds(paths: dict[int, object], image_ids: np.ndarray, what: str) ->
         if not np.array_equal(table["image_id"], image_ids):
             raise ArtifactError(f"{what} fold {fold}: {paths[fold]} does not list info.csv's ImageIDs in order; "
                                 f"re-run: ./run.sh infer -c CONFIG --force")
-    return {key: np.mean([probs_of(t)[key] for t in tables], axis=0) for key in labels.TABLE_KEYS}
+    return {key: np.mean([probs_of(t)[key] for t in tables], axis=0) for key in probs_of(tables[0])}
 
 
 # ---------------------------------------------------------------- where a backbone's tables come from

@@ -45,22 +45,28 @@ class EnsembleGraph(nn.Module):
         super().__init__()
         self.normalize = Normalize(cfg, torch.device("cpu"))
         self.models = nn.ModuleList(model for model, _ in members)
-        self.weights = [float(w) for _, w in members]  # constants of the graph, one per member
+        # constants of the graph: one weight per member, or (combine: heads) one per head it predicts
+        self.weights = [{h: float(w[h]) for h in w} if isinstance(w, dict) else float(w) for _, w in members]
         self.head_kinds = [model.head_kind for model, _ in members]
+        self.heads = [model.heads for model, _ in members]
         self.tta = list(cfg["infer"]["tta"])
         self.combine = combine
 
     def forward(self, crops: torch.Tensor) -> torch.Tensor:
         views = tta_views(self.normalize(crops), self.tta)
         tables = []
-        for model, kind in zip(self.models, self.head_kinds):
-            probs = [labels.probabilities(model(view), kind) for view in views]
-            tables.append({key: sum(p[key] for p in probs) / len(probs) for key in labels.TABLE_KEYS})
+        for model, kind, heads in zip(self.models, self.head_kinds, self.heads):
+            probs = [labels.probabilities(model(view), kind, heads) for view in views]
+            tables.append({key: sum(p[key] for p in probs) / len(probs) for key in probs[0]})
         if self.combine == "joint":
             joint = sum(w * t["joint"] for w, t in zip(self.weights, tables))
             heads = labels.heads_from_joint(joint)
         else:
-            heads = {h: sum(w * t[h] for w, t in zip(self.weights, tables)) for h in labels.HEADS}
+            heads = {}
+            for h in labels.HEADS:  # each head over the members that predict it, renormalised as combine() does
+                votes = [(w[h] if isinstance(w, dict) else w, t[h]) for w, t in zip(self.weights, tables) if h in t]
+                total = sum(w for w, _ in votes)
+                heads[h] = sum(w / total * t for w, t in votes if w > 0)
             joint = labels.joint_from_heads(heads["mask"], heads["gender"], heads["age"])
         return torch.cat([heads["mask"], heads["gender"], heads["age"], joint], dim=1)
 
@@ -96,7 +102,9 @@ def _members(cfg: dict, report: dict, stamps: dict) -> list[tuple[nn.Module, flo
         for fold in folds:
             model = build_model(cfg, backbone, for_inference=True)
             model.load_state_dict(torch_load(stamps[(backbone, fold)].path(BEST))["model"])
-            members.append((model.eval(), report["weights"][backbone] / k, backbone, fold))
+            weight = report["weights"][backbone]
+            weight = {h: w / k for h, w in weight.items()} if isinstance(weight, dict) else weight / k
+            members.append((model.eval(), weight, backbone, fold))
     return members
 
 
@@ -162,6 +170,10 @@ def _check_graph(graph: nn.Module, path: Path, crops: np.ndarray) -> float:
     return worst
 
 
+def _rounded(weight):
+    return {h: round(w, 8) for h, w in weight.items()} if isinstance(weight, dict) else round(weight, 8)
+
+
 def _manifest(cfg: dict, report: dict, members, fingerprint: dict, artifact: Artifact) -> dict:
     files = [GRAPH, *(f"mtcnn/{n}.onnx" for n in NETS)]
     return {
@@ -177,7 +189,7 @@ def _manifest(cfg: dict, report: dict, members, fingerprint: dict, artifact: Art
         "max_image_pixels": cfg["data"]["max_image_pixels"],
         "tta": {"views": list(cfg["infer"]["tta"]), "in_graph": True},
         "ensemble": {"combine": report["combine"], "backbone_weights": report["weights"], "in_graph": True,
-                     "members": [{"backbone": b, "fold": f, "weight": round(w, 8)} for _, w, b, f in members]},
+                     "members": [{"backbone": b, "fold": f, "weight": _rounded(w)} for _, w, b, f in members]},
         "decision": _decision(report),
         "graph": GRAPH, "mtcnn": {name: f"mtcnn/{name}.onnx" for name in NETS},
         "files": {name: file_digest(artifact.path(name)) for name in files},

@@ -15,7 +15,7 @@ from pipeline.data.dataset import eval_identity, train_fingerprint
 from pipeline.data.layout import load_eval, load_train
 from pipeline.data.pseudo import ENSEMBLE_PROBS
 from pipeline.evaluate.decision import nested_gain
-from pipeline.evaluate.ensemble import backbone_weights, combine, nested_weights_f1, submission_frame
+from pipeline.evaluate.ensemble import backbone_weights, combine, nested_weights_f1, submission_frame, weights_by_backbone
 from pipeline.evaluate.metrics import score_probs
 from pipeline.evaluate.tables import check_coverage, fresh_infer_artifacts, mean_of_folds, oof_table, pool_folds, probs_of
 from pipeline.io import atomic_save_npz, atomic_write_json, atomic_write_text, provenance
@@ -40,8 +40,10 @@ def run(cfg: dict, force: bool = False) -> dict:
     label, fold = pooled["label"], pooled["fold"]  # every pooled table is sorted by image id: rows align
     used = oof_tta if e["use_tta"] else oof
     weights = backbone_weights(used, label, e)
-    members = {b: {"weight": float(w), "oof": score_probs(oof[i], label), "oof_tta": score_probs(oof_tta[i], label)}
-               for i, (b, w) in enumerate(zip(backbones, weights))}
+    shown = weights_by_backbone(weights, backbones, used)
+    members = {b: {"weight": shown[b], "heads": [h for h in labels.HEADS if h in oof[i]],
+                   "oof": score_probs(oof[i], label), "oof_tta": score_probs(oof_tta[i], label)}
+               for i, b in enumerate(backbones)}
     scores = {"oof": score_probs(combine(oof, weights, e["combine"]), label),
               "oof_tta": score_probs(combine(oof_tta, weights, e["combine"]), label)}
     # honest estimates (fitted on all folds but one, scored on that one) beside the fitted ones
@@ -56,7 +58,7 @@ def run(cfg: dict, force: bool = False) -> dict:
     teacher = {"eval_image_id": eval_ids, "oof_image_id": pooled["image_id"],
                **{f"eval_{k}": voted[k].astype(np.float32) for k in labels.TABLE_KEYS},
                **{f"oof_{k}": v.astype(np.float32) for k, v in combine(used, weights, e["combine"]).items()}}
-    report = {"members": members, "weights": dict(zip(backbones, map(float, weights))), "combine": e["combine"],
+    report = {"members": members, "weights": shown, "combine": e["combine"],
               "weights_mode": e["weights"], "use_tta": e["use_tta"], "tta": cfg["infer"]["tta"],
               "ensemble": scores, "decision": decision, "submission": str(out / "submission.csv"),
               "predicted_class_counts": np.bincount(submission["ans"], minlength=labels.NUM_CLASSES).tolist(),
@@ -67,8 +69,10 @@ def run(cfg: dict, force: bool = False) -> dict:
         report["probs"] = {"path": str(out / ENSEMBLE_PROBS), "digest": file_digest(out / ENSEMBLE_PROBS)}
         atomic_write_json(out / "ensemble.json", report)
     for b, m in members.items():
-        print(f"[ensemble] {b:<32} weight {m['weight']:.2f}  OOF F1 {m['oof']['f1']:.4f}  "
-              f"with TTA {m['oof_tta']['f1']:.4f}")
+        weight = (" ".join(f"{h} {w:.2f}" for h, w in m["weight"].items()) if isinstance(m["weight"], dict)
+                  else f"{m['weight']:.2f}")
+        what = "OOF F1" if "joint" in oof[backbones.index(b)] else f"OOF F1 (mean of its heads {', '.join(m['heads'])})"
+        print(f"[ensemble] {b:<32} weight {weight}  {what} {m['oof']['f1']:.4f}  with TTA {m['oof_tta']['f1']:.4f}")
     if scores["nested_weights_f1"] is not None:
         print(f"[ensemble] backbone weights fitted on other folds, scored on each (honest): OOF F1 "
               f"{scores['nested_weights_f1']:.4f}")

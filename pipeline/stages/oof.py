@@ -4,6 +4,7 @@ Writes <output.dir>/oof/: report.md, report.json, confusion and per-class PNGs, 
 """
 from __future__ import annotations
 
+from pipeline import labels
 from pipeline.artifacts import output_dir, safe_name
 from pipeline.data.dataset import train_fingerprint
 from pipeline.data.layout import load_train
@@ -22,15 +23,17 @@ def run(cfg: dict, force: bool = False) -> dict:
         pooled = oof_table(cfg, backbone, table, fingerprint)
         atomic_save_npz(folder / f"{safe_name(backbone)}.npz", **pooled)
         reports[backbone] = backbone_report(pooled)
-        plot_confusion(pooled["label"], pooled["probs_joint"].argmax(1), f"{backbone}: OOF confusion",
-                       folder / f"confusion_{safe_name(backbone)}.png")
+        if "probs_joint" in pooled:  # a per-task model has no 18-class prediction to confuse
+            plot_confusion(pooled["label"], pooled["probs_joint"].argmax(1), f"{backbone}: OOF confusion",
+                           folder / f"confusion_{safe_name(backbone)}.png")
     plot_per_class(reports, folder / "per_class_f1.png")
     atomic_write_json(folder / "report.json", {"backbones": reports,
                                                **provenance(cfg, cfg["train"]["seed"], fingerprint)})
     atomic_write_text(folder / "report.md", markdown(reports))
     for backbone, r in reports.items():
-        print(f"[oof] {backbone}: pooled OOF macro F1 {r['f1']:.4f} (mask {r['f1_mask']:.3f}, gender "
-              f"{r['f1_gender']:.3f}, age {r['f1_age']:.3f}); folds {list(r['per_fold_f1'].values())}")
+        heads = ", ".join(f"{h} {r[f'f1_{h}']:.3f}" for h in labels.HEADS if f"f1_{h}" in r)
+        what = "pooled OOF macro F1" if "per_class_f1" in r else "mean of its heads' pooled OOF macro F1"
+        print(f"[oof] {backbone}: {what} {r['f1']:.4f} ({heads}); folds {list(r['per_fold_f1'].values())}")
     print(f"[oof] report: {folder / 'report.md'}")
     return reports
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from pipeline import labels
 from pipeline.artifacts import output_dir
 from pipeline.data.layout import read_csv
 from pipeline.errors import ArtifactError, MaskfoldError, MissingArtifactError
@@ -45,9 +46,12 @@ def run(cfg: dict, force: bool = False, timings: str | None = None, score_heldou
     ensemble = _read_report(path)
     rows = [("backbone", "weight", "OOF F1", "OOF F1 +TTA", "mask", "gender", "age")]
     for backbone, member in ensemble["members"].items():
-        o, t = member["oof"], member["oof_tta"]
-        rows.append((backbone, f"{member['weight']:.2f}", f"{o['f1']:.4f}", f"{t['f1']:.4f}", f"{o['f1_mask']:.3f}",
-                     f"{o['f1_gender']:.3f}", f"{o['f1_age']:.3f}"))
+        o, t, w = member["oof"], member["oof_tta"], member["weight"]
+        # a per-task member: its weight per head it predicts, its F1 the mean of those heads' (marked *)
+        weight = "/".join(f"{h[0]}{v:.2f}" for h, v in w.items()) if isinstance(w, dict) else f"{w:.2f}"
+        partial = "" if all(f"f1_{h}" in o for h in labels.HEADS) else "*"
+        rows.append((backbone, weight, f"{o['f1']:.4f}{partial}", f"{t['f1']:.4f}{partial}",
+                     *(f"{o[f'f1_{h}']:.3f}" if f"f1_{h}" in o else "-" for h in labels.HEADS)))
     e = ensemble["ensemble"]
     rows.append(("ENSEMBLE", "", f"{e['oof']['f1']:.4f}", f"{e['oof_tta']['f1']:.4f}", f"{e['oof']['f1_mask']:.3f}",
                  f"{e['oof']['f1_gender']:.3f}", f"{e['oof']['f1_age']:.3f}"))
@@ -55,6 +59,8 @@ def run(cfg: dict, force: bool = False, timings: str | None = None, score_heldou
     lines = ["", "=" * 72, f"maskfold summary: {cfg['name']}  (output: {cfg['output']['dir']})", "-" * 72]
     lines += ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in rows]
     lines.append("-" * 72)
+    if any("*" in row[2] for row in rows):
+        lines.append("* a per-task member (model.tasks): the mean macro F1 of its heads; its weight per head")
     lines.append(f"TTA gain on ensemble OOF F1 ({', '.join(ensemble['tta'])}): "
                  f"{e['oof_tta']['f1'] - e['oof']['f1']:+.4f}")
     if score_heldout:

@@ -87,6 +87,7 @@ class Job:
     val_rows: np.ndarray
     val_table: object
     steps_per_epoch: int
+    heads: tuple = tuple(labels.HEADS)       # the heads this backbone predicts (model.tasks)
 
     @property
     def eval_model(self) -> torch.nn.Module:
@@ -122,7 +123,7 @@ def build_job(cfg: dict, backbone: str, fold: int, data: TrainData) -> Job:
         ema = ModelEmaV3(model, decay=t["ema_decay"], use_warmup=True)
     train_rows, val_rows = data.split(fold)
     targets = data.train_targets
-    criteria = _criteria(cfg, data, train_rows)
+    criteria = _criteria(cfg, data, train_rows, labels.model_heads(cfg["model"]["tasks"], backbone))
     if data.soft_targets is not None:  # a student: each head learns the teacher's probabilities
         targets = {**targets, **{f"soft_{key}": value for key, value in data.soft_targets.items()}}
     weights = sampler_weights(targets["group"][train_rows]) if t["weighted_sampler"] else None
@@ -138,15 +139,15 @@ def build_job(cfg: dict, backbone: str, fold: int, data: TrainData) -> Job:
         prepare = Normalize(cfg, device, None, channels_last)
     steps = min(len(batches), t["max_batches"] or len(batches))
     return Job(backbone, fold, seed, device, model, ema, optimizer, Schedule(cfg, optimizer, steps), criteria,
-               batches, prepare, store, val_rows, data.table.iloc[val_rows], steps)
+               batches, prepare, store, val_rows, data.table.iloc[val_rows], steps, model.heads)
 
 
-def _criteria(cfg: dict, data: TrainData, train_rows: np.ndarray) -> dict:
+def _criteria(cfg: dict, data: TrainData, train_rows: np.ndarray, model_heads: tuple) -> dict:
     """{head: (the batch target it reads, its loss)}: the configured loss on the labels (a pseudo-labelled image's
     unknown head, -1, adds nothing), or for a student (distill.teacher) the cross-entropy to the teacher's
     probabilities, unweighted: the teacher's probabilities already carry its view of the rare classes."""
     t = cfg["train"]
-    heads = labels.trained_heads(cfg["model"]["head"])
+    heads = labels.trained_heads(cfg["model"]["head"], model_heads)
     if data.soft_targets is not None:
         return {head: (f"soft_{head}", soft_loss) for head in heads}
     return {head: (head, loss_fn(t["loss"], _head_class_weights(cfg, data.train_targets[head][train_rows], head),
@@ -169,7 +170,7 @@ def _step(cfg: dict, job: Job, images: torch.Tensor, targets: dict, step: int) -
     """Optimizer step number `step` of the job; returns the per-head losses as device tensors (never read here)."""
     job.schedule.set(step)
     with autocast(job.device, cfg["train"]["amp"]):
-        outputs = labels.split_logits(job.model(images), cfg["model"]["head"])
+        outputs = labels.split_logits(job.model(images), cfg["model"]["head"], job.heads)
     losses = {head: criterion(outputs[head], targets[key]) for head, (key, criterion) in job.criteria.items()}
     loss = sum(cfg["model"]["head_weights"].get(head, 1.0) * value for head, value in losses.items())
     job.optimizer.zero_grad(set_to_none=True)
@@ -228,9 +229,9 @@ def validate(cfg: dict, job: Job) -> tuple[dict, dict]:
 def _log_epoch(artifact: Artifact, run_log: RunLog, state: LoopState, record: dict, improved: bool, job: Job) -> None:
     atomic_write_text(artifact.path(METRICS), "".join(json.dumps(r) + "\n" for r in state.history))
     run_log.log(record)
+    heads = " ".join(f"{h} {record[f'val_f1_{h}']:.3f}" for h in labels.HEADS if f"val_f1_{h}" in record)
     print(f"[train] {job.backbone} fold {job.fold} epoch {record['epoch']}: val F1 {record['val_f1']:.4f} "
-          f"(mask {record['val_f1_mask']:.3f} gender {record['val_f1_gender']:.3f} age {record['val_f1_age']:.3f}) "
-          f"{record['images_per_s']:.0f} img/s{'  *best' if improved else ''}")
+          f"({heads}) {record['images_per_s']:.0f} img/s{'  *best' if improved else ''}")
 
 
 def _start(artifact: Artifact, force: bool) -> dict | None:

@@ -18,7 +18,7 @@ class MaskNet(nn.Module):
     """timm backbone (no classifier) + one linear layer: the heads' logits side by side, or 18."""
 
     def __init__(self, backbone: str, head: str = "multihead", pretrained=False, pretrained_file=None,
-                 drop_rate: float = 0.0, image_size=None):
+                 drop_rate: float = 0.0, image_size=None, heads=tuple(labels.HEADS)):
         super().__init__()
         if head not in labels.HEAD_KINDS:
             raise ConfigError(f"model.head {head!r} is not one of {', '.join(labels.HEAD_KINDS)}")
@@ -44,7 +44,8 @@ class MaskNet(nn.Module):
         if pretrained_file:
             _check_loaded(self.backbone, pretrained_file, backbone)
         self.head_kind = head
-        outputs = labels.num_outputs(head)
+        self.heads = tuple(heads)  # the heads it predicts (model.tasks: a per-task model has some only)
+        outputs = labels.num_outputs(head, self.heads)
         # pooled feature width: head_hidden_size where the model has a pre-logits layer (e.g. MobileNetV3)
         width = getattr(self.backbone, "head_hidden_size", None) or self.backbone.num_features
         self.head = nn.Sequential(nn.Dropout(drop_rate), nn.Linear(width, outputs))
@@ -73,7 +74,7 @@ def build_model(cfg: dict, backbone: str, for_inference: bool = False) -> MaskNe
     pretrained_file = None if for_inference else model_cfg["pretrained_files"].get(backbone)
     pretrained = False if for_inference else model_cfg["pretrained"]
     return MaskNet(backbone, model_cfg["head"], pretrained, pretrained_file, model_cfg["drop_rate"],
-                   image_size=cfg["data"]["image_size"])
+                   image_size=cfg["data"]["image_size"], heads=labels.model_heads(model_cfg["tasks"], backbone))
 
 
 def size_kwargs(backbone: str, image_size) -> dict:

@@ -51,7 +51,7 @@ def _forward_views(model: MaskNet, views: list[torch.Tensor], amp: bool, channel
         if channels_last:
             batch = batch.contiguous(memory_format=torch.channels_last)
         with autocast(batch.device, amp):
-            probs = labels.probabilities(model(batch), model.head_kind)
+            probs = labels.probabilities(model(batch), model.head_kind, model.heads)
         probs = {k: v.float().unflatten(0, (len(group), -1)).sum(0) for k, v in probs.items()}
         summed = probs if summed is None else {k: summed[k] + probs[k] for k in summed}
     return summed
@@ -75,7 +75,7 @@ def predict(model: MaskNet, store, rows, normalize: Normalize, batch_size: int, 
                 tables[key] = torch.empty((len(rows), value.shape[1]), dtype=torch.float32, device=device)
             tables[key][start:start + len(value)] = value / len(views)
     if not tables:
-        return {key: np.zeros((0, 1), np.float32) for key in labels.TABLE_KEYS}
+        return {key: np.zeros((0, 1), np.float32) for key in labels.table_keys(model.heads)}
     return {key: value.cpu().numpy() for key, value in tables.items()}  # the one copy back
 
 
