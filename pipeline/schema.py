@@ -193,6 +193,7 @@ class SynthSection(_Section):
     seed: Seed
     image_size: _size(32)
     label_noise: _float(ge=0, le=0.5)
+    mask_swaps: _float(ge=0, le=0.5)
     workers: Count
 
 

@@ -103,23 +103,39 @@ def test_label_noise_changes_the_record_not_the_person(demo):
     out, result = demo
     meta = json.loads((out / "synth.json").read_text())
     noise = meta["label_noise"]
-    assert len(noise) == result["mislabeled_people"] == 4   # 10% of 40
+    assert len(noise) == result["mislabeled_people"] == 4 + 1   # 10% of 40 gender or age; 2% of 40 mask swaps
+    assert sum(e["field"] == "swap_mask" for e in noise) == 1
     truth = {p["id"]: p for p in synth.sample_people(0, 40)}
     recorded = {row["id"]: row for row in _rows(out / "train" / "train.csv")}
     for entry in noise:
         row, person = recorded[entry["id"]], truth[entry["id"]]
         assert entry["path"] == row["path"]
-        if entry["field"] == "gender":
+        if entry["field"] == "swap_mask":  # the record is right; the two photos carry each other's names
+            assert int(row["age"]) == person["age"] and row["gender"] == ("female" if person["gender"] else "male")
+        elif entry["field"] == "gender":
             assert row["gender"] == entry["recorded"] != entry["true"]
             assert entry["true"] == ("female" if person["gender"] else "male")
         else:
             assert int(row["age"]) == entry["recorded"] and entry["true"] == person["age"]
             assert age_band(entry["recorded"], OFFICIAL_OLD) != age_band(entry["true"], OFFICIAL_OLD)
-    clean = set(recorded) - {e["id"] for e in noise}
+    clean = set(recorded) - {e["id"] for e in noise if e["field"] != "swap_mask"}
     for person_id in clean:
         person = truth[person_id]
         assert int(recorded[person_id]["age"]) == person["age"]
         assert recorded[person_id]["gender"] == ("female" if person["gender"] else "male")
+
+
+def test_a_planted_mask_swap_saves_each_photo_under_the_others_name(demo, tmp_path):
+    out, _ = demo
+    entry = next(e for e in json.loads((out / "synth.json").read_text())["label_noise"] if e["field"] == "swap_mask")
+    person = next(p for p in synth.sample_people(0, 40) if p["id"] == entry["id"])
+    plain = tmp_path / "plain"
+    synth.render_person(0, "train", person["index"], person["gender"], person["age"], tuple(SIZE), str(plain))
+    files = {f.stem: f for f in (out / "train" / "images" / entry["path"]).iterdir()}
+    unswapped = {f.stem: f for f in plain.iterdir()}
+    assert files["incorrect_mask"].read_bytes() == unswapped["normal"].read_bytes()
+    assert files["normal"].read_bytes() == unswapped["incorrect_mask"].read_bytes()
+    assert files["mask1"].read_bytes() == unswapped["mask1"].read_bytes()
 
 
 def test_synth_json_records_counts_config_seed_commit_and_hash(demo):

@@ -35,7 +35,7 @@ from pipeline.io import atomic_write_bytes, atomic_write_text, parallel
 from pipeline.labels import GENDER_NAMES, IMAGE_STEMS, OFFICIAL_OLD, age_band, class_index, mask_of
 
 # Bump when the renderer or the sampling changes: it is part of the config hash, so old output is redone.
-SYNTH_VERSION = 1
+SYNTH_VERSION = 2  # 2: planted incorrect_mask/normal swaps (synth.mask_swaps)
 
 # Number of people of each age 18, 19, ..., 60 in the real competition metadata
 # (../shared/data/real_meta/train.csv, 2,700 people), counted once by hand. That file is never read here.
@@ -58,7 +58,7 @@ EXTENSION_P = (0.90, 0.06, 0.04)  # chosen per person; a few folders mix two ext
 MIXED_FOLDER_SHARE = 0.03
 
 # Independent random streams: (seed, stream, person index).
-_TRAIN_LABELS, _TRAIN_LOOKS, _EVAL_LABELS, _EVAL_LOOKS, _NOISE, _SHUFFLE = range(6)
+_TRAIN_LABELS, _TRAIN_LOOKS, _EVAL_LABELS, _EVAL_LOOKS, _NOISE, _SHUFFLE, _SWAPS = range(7)
 
 # Canonical drawing frame (w, h); every coordinate below is in it and mapped to synth.image_size.
 _CW, _CH = 384.0, 512.0
@@ -112,6 +112,21 @@ def choose_label_noise(people: list[dict], share: float, seed: int) -> dict[int,
             recorded = int(rng.choice(AGES, p=p / p.sum()))
             noise[int(index)] = {"id": person["id"], "field": "age", "true": person["age"], "recorded": recorded}
     return noise
+
+
+SWAPPED = ("incorrect_mask", "normal")  # the swap this data is known for: each photo saved under the other's name
+
+
+def choose_mask_swaps(people: list[dict], share: float, seed: int, taken) -> dict[int, dict]:
+    """Which train people's incorrect_mask and normal photos are saved under each other's names (never a person
+    whose gender or age is already wrong: one planted error per person)."""
+    free = [i for i in range(len(people)) if i not in taken]
+    count = min(int(round(share * len(people))), len(free))
+    rng = np.random.default_rng([seed, _SWAPS])
+    chosen = np.sort(rng.choice(free, size=count, replace=False)) if count else []
+    value = ":".join(SWAPPED)
+    return {int(i): {"id": people[int(i)]["id"], "field": "swap_mask", "true": value, "recorded": value}
+            for i in chosen}
 
 
 # --------------------------------------------------------------------------- drawing helpers
@@ -499,10 +514,12 @@ def _encode(bgr: np.ndarray, extension: str, quality: int) -> bytes:
 
 # --------------------------------------------------------------------------- one person (runs in a worker)
 
-def render_person(seed: int, kind: str, index: int, gender: int, age: int, size, target: str) -> list[dict]:
-    """Render and write one person's 7 images; returns one record per image.
+def render_person(seed: int, kind: str, index: int, gender: int, age: int, size, target: str,
+                  swapped: bool = False) -> list[dict]:
+    """Render and write one person's 7 images; returns one record per image (its true mask).
 
-    train: `target` is the person's folder (train/images/<path>); eval: the eval/images folder."""
+    train: `target` is the person's folder (train/images/<path>); eval: the eval/images folder. `swapped`: the
+    incorrect_mask and normal photos are saved under each other's names (planted label noise)."""
     cv2.setNumThreads(1)
     rng = np.random.default_rng([seed, _TRAIN_LOOKS if kind == "train" else _EVAL_LOOKS, index])
     ident = _identity(rng, gender, age)
@@ -526,7 +543,7 @@ def render_person(seed: int, kind: str, index: int, gender: int, age: int, size,
         if k == odd_one:
             ext = [e for e in EXTENSIONS if e != extension][int(rng.integers(len(EXTENSIONS) - 1))]
         if kind == "train":
-            name = f"{stem}{ext}"
+            name = f"{SWAPPED[1 - SWAPPED.index(stem)] if swapped and stem in SWAPPED else stem}{ext}"
         else:
             name = f"{rng.bytes(20).hex()}.jpg"
         atomic_write_bytes(folder / name, _encode(image, ext, quality))
@@ -609,6 +626,7 @@ def generate(cfg: dict) -> dict:
     train = sample_people(seed, people_n, "train")
     evals = sample_people(seed, eval_n, "eval")
     noise = choose_label_noise(train, float(section["label_noise"]), seed)
+    noise |= choose_mask_swaps(train, float(section["mask_swaps"]), seed, taken=set(noise))
 
     rows = []
     for person in train:
@@ -616,14 +634,15 @@ def generate(cfg: dict) -> dict:
         wrong = noise.get(person["index"])
         if wrong and wrong["field"] == "gender":
             gender = wrong["recorded"]
-        elif wrong:
+        elif wrong and wrong["field"] == "age":
             age = wrong["recorded"]
         path = f"{person['id']}_{gender}_{RACE}_{age}"
         rows.append((person["id"], gender, RACE, age, path))
         if wrong:
             wrong["path"] = path
 
-    jobs = [delayed(render_person)(seed, "train", p["index"], p["gender"], p["age"], size, str(paths["train_images"] / row[4]))
+    jobs = [delayed(render_person)(seed, "train", p["index"], p["gender"], p["age"], size, str(paths["train_images"] / row[4]),
+                                   noise.get(p["index"], {}).get("field") == "swap_mask")
             for p, row in zip(train, rows)]
     jobs += [delayed(render_person)(seed, "eval", p["index"], p["gender"], p["age"], size, str(paths["eval_images"]))
              for p in evals]
