@@ -9,8 +9,11 @@ token of its own (identity plus the digests of its output files). A stage asks `
     fresh    up to date: skip it
 
 Before a stage rewrites any file of an artifact it calls `invalidate()`, so a run killed halfway
-never leaves an old stamp vouching for new files. Downstream identities hold upstream tokens: a
-retrained checkpoint makes every inference table made from the old one stale.
+never leaves an old stamp vouching for new files. The stamp records each output's size and digest; an
+artifact may ask `state()` to compare them (`check_outputs`), so a truncated or replaced output is stale,
+not up to date (a checkpoint's digest is checked where it is loaded: see `checkpoint_record`).
+Downstream identities hold upstream tokens: a retrained checkpoint makes every inference table made
+from the old one stale.
 
 No torch here: oof and ensemble read only probability tables and start in a second.
 """
@@ -70,6 +73,11 @@ def file_digest(path: Path) -> str:
     return digest.hexdigest()[:16]
 
 
+def bytes_digest(data: bytes) -> str:
+    """file_digest of a file's bytes already read."""
+    return hashlib.sha256(data).hexdigest()[:16]
+
+
 @dataclass
 class Artifact:
     """One stage output with its stamp. `what` names it in messages; `remedy` is the command that remakes it."""
@@ -81,6 +89,9 @@ class Artifact:
     outputs: tuple[str, ...] = field(default_factory=tuple)
     shared_folder: bool = False  # the artifact is files in a folder others share (folds/, output.dir)
     cache_dir: str | None = None  # where pixel manifests are kept, so a stale message can name changed images
+    # what state() compares of each output with its stamp: "size" (cheap: a truncated or other file), "digest"
+    # (its bytes: for small files, e.g. one edited by hand), or "" (only that it exists)
+    check_outputs: str = ""
 
     @property
     def key(self) -> str:
@@ -118,7 +129,21 @@ class Artifact:
         if gone:
             return "missing", (f"{self.what}: incomplete ({', '.join(str(self.path(n)) for n in gone)} missing); "
                                f"run: {self.remedy}")
+        changed = [problem for name in self.outputs if (problem := self._changed_output(stamp, name))]
+        if changed:
+            return "stale", f"{self.what}: {'; '.join(changed)}; re-run: {self.remedy}"
         return "fresh", f"{self.what}: up to date ({self.folder})"
+
+    def _changed_output(self, stamp: dict, name: str) -> str | None:
+        """What differs between an output file and its stamp's record of it (check_outputs), or None."""
+        path = self.path(name)
+        sizes, digests = stamp.get("sizes") or {}, stamp.get("outputs") or {}
+        if self.check_outputs and name in sizes and path.stat().st_size != sizes[name]:
+            return (f"{path} is {path.stat().st_size} bytes, {sizes[name]} when it was made: "
+                    f"truncated, damaged or replaced since")
+        if self.check_outputs == "digest" and name in digests and file_digest(path) != digests[name]:
+            return f"{path} changed after it was made (its digest differs from its stamp's): edited or damaged"
+        return None
 
     def _changed_images(self, before: dict) -> str:
         """'; images: train/images/x/mask1.jpg changed' for each pixel key that differs (pipeline/data/pixels.py)."""
@@ -200,8 +225,9 @@ class Artifact:
     def seal(self, **summary) -> dict:
         """Write the stamp, last: identity, key, and a token that changes whenever an output file does."""
         digests = {name: file_digest(self.path(name)) for name in self.outputs}
+        sizes = {name: self.path(name).stat().st_size for name in self.outputs}
         stamp = {**summary, "key": self.key, "token": stable_hash({"key": self.key, "outputs": digests}),
-                 "outputs": digests, "identity": self.identity, "git_commit": git_commit()}
+                 "outputs": digests, "sizes": sizes, "identity": self.identity, "git_commit": git_commit()}
         atomic_write_json(self.stamp_path, stamp)
         return stamp
 
@@ -263,9 +289,33 @@ def train_artifact(cfg: dict, backbone: str, fold: int, fingerprint: dict) -> Ar
         what=f"train job {backbone} fold {fold}",
         folder=output_dir(cfg, "train", safe_name(backbone), f"fold{fold}"),
         identity={"config": job_config(cfg, backbone), "data_fingerprint": fingerprint, "fold": fold},
-        remedy=f"./run.sh train -c CONFIG model.backbones=[{backbone}] train.folds=[{fold}] --force "
-               f"(or another output.dir)",
-        outputs=(BEST, VAL_PROBS), cache_dir=cfg["data"]["cache_dir"])
+        remedy=_train_remedy(backbone, fold), outputs=(BEST, VAL_PROBS), cache_dir=cfg["data"]["cache_dir"],
+        check_outputs="size")  # best.pt can be hundreds of MB: its digest is checked where it is loaded
+
+
+def _train_remedy(backbone: str, fold) -> str:
+    return f"./run.sh train -c CONFIG model.backbones=[{backbone}] train.folds=[{fold}] --force (or another output.dir)"
+
+
+def checkpoint_record(path) -> tuple[str | None, str]:
+    """For a checkpoint file: (the digest its training job's stamp recorded for it, None where there is no
+    such record, e.g. last.pt or a job in progress; the command that remakes it)."""
+    path = Path(path)
+    folder = path.parent
+    if path.name not in (BEST, LAST) or not folder.name.startswith("fold") or not folder.name[4:].isdigit():
+        return None, "re-run the stage that wrote it with --force"
+    stamp = _json_object(folder / STAMP)
+    backbone = stamp.get("backbone") or _json_object(folder / "meta.json").get("backbone") or folder.parent.name
+    return (stamp.get("outputs") or {}).get(path.name), _train_remedy(backbone, int(folder.name[4:]))
+
+
+def _json_object(path: Path) -> dict:
+    """A JSON object read from `path`; {} where there is none (missing, unreadable, not an object)."""
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
 
 
 def infer_artifact(cfg: dict, backbone: str, fold: int, train_token: str, eval_key: dict) -> Artifact:
@@ -275,7 +325,7 @@ def infer_artifact(cfg: dict, backbone: str, fold: int, train_token: str, eval_k
         folder=output_dir(cfg, "infer", safe_name(backbone), f"fold{fold}"),
         identity={"train_token": train_token, "tta": list(cfg["infer"]["tta"]), "eval_images": eval_key},
         remedy=f"./run.sh infer -c CONFIG model.backbones=[{backbone}] train.folds=[{fold}]",
-        outputs=(EVAL_PROBS, VAL_PROBS_TTA), cache_dir=cfg["data"]["cache_dir"])
+        outputs=(EVAL_PROBS, VAL_PROBS_TTA), cache_dir=cfg["data"]["cache_dir"], check_outputs="size")
 
 
 def require_all(artifacts: list[Artifact], heading: str) -> list[dict]:

@@ -5,6 +5,10 @@ so `train.folds=[0,2]` is a list). An unknown key is an error naming the closest
 merging, path values may use `{config}` (the config file's stem) and `{data.root}` (or any other
 string key), and every value is checked against pipeline/schema.py: one ConfigError lists every bad
 key, so a typo stops the run at load rather than an hour into training.
+
+Config text is bounded before YAML expands it: a file is at most MAX_CONFIG_BYTES, and YAML aliases
+(`*name`) are refused in files and overrides alike (no shipped config uses one, and a few lines of
+nested aliases expand to gigabytes).
 """
 from __future__ import annotations
 
@@ -16,7 +20,7 @@ from pathlib import Path
 import yaml
 
 from pipeline.errors import ConfigError
-from pipeline.io import PROJECT_ROOT
+from pipeline.io import PROJECT_ROOT, redacted
 from pipeline.schema import config_problems
 
 BASE_CONFIG = PROJECT_ROOT / "configs" / "base.yaml"
@@ -26,7 +30,35 @@ PATH_KEYS = ("data.root", "data.label_fixes", "data.cache_dir", "faces.dir", "sy
              "pseudo.labels", "distill.teacher")
 PLACEHOLDER = re.compile(r"\{([^{}]*)\}")
 LEADING_PLACEHOLDER = re.compile(r"^\{[A-Za-z_][\w.]*\}")
+MAX_CONFIG_BYTES = 1 << 20  # base.yaml is 12 KB
 _MISSING = object()
+
+
+class _AliasFound(Exception):
+    def __init__(self, anchor: str, line: int):
+        super().__init__(anchor, line)
+        self.anchor, self.line = anchor, line
+
+
+class _NoAliasLoader(yaml.SafeLoader):
+    """yaml.safe_load that stops at the first alias, before anything is expanded."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise _AliasFound(event.anchor, event.start_mark.line + 1)
+        return super().compose_node(parent, index)
+
+
+def _yaml_value(text, source: str, lines: bool = True):
+    """safe_load of config text; an alias is a ConfigError naming `source` (and, for a file, the line)."""
+    try:
+        return yaml.load(text, Loader=_NoAliasLoader)
+    except _AliasFound as found:
+        where = f"{source} line {found.line}" if lines else source
+        raise ConfigError(f"{where}: YAML alias *{found.anchor} refused: aliases are not "
+                          f"allowed in config files or overrides (nested ones expand to gigabytes); write the value "
+                          f"out") from None
 
 
 def _flat_keys(tree: dict, prefix: str = "") -> list[str]:
@@ -43,7 +75,7 @@ def _unknown_key_error(key: str, schema: dict, source: str) -> ConfigError:
     valid = _flat_keys(schema)
     close = difflib.get_close_matches(key, valid, n=1, cutoff=0.0)
     hint = f"; did you mean '{close[0]}'?" if close else ""
-    return ConfigError(f"{source}: unknown config key '{key}'{hint}")
+    return ConfigError(redacted(f"{source}: unknown config key '{key}'{hint}"))
 
 
 def _merge(root: dict, schema: dict, target: dict, updates: dict, source: str, prefix: str = "") -> None:
@@ -84,23 +116,29 @@ def parse_override(text: str) -> tuple[str, object]:
         # YAML would read `{data.root}/x.csv` as a broken flow mapping; a path is meant
         return key.strip(), raw
     try:
-        value = yaml.safe_load(raw) if raw != "" else ""
+        value = _yaml_value(raw, f"override '{text[:200]}'", lines=False) if raw != "" else ""
     except yaml.YAMLError as error:
-        raise ConfigError(f"override '{text}': value is not valid YAML ({error})") from error
+        raise ConfigError(redacted(f"override '{text}': value is not valid YAML ({error})")) from error
     return key.strip(), value
 
 
 def _schema() -> dict:
-    with open(BASE_CONFIG) as handle:
-        return yaml.safe_load(handle)
+    return _yaml_value(BASE_CONFIG.read_text(), str(BASE_CONFIG))
 
 
 def _read_config_file(path: Path) -> dict:
     if not path.exists():
         raise ConfigError(f"config file {path} does not exist")
     try:
-        with open(path) as handle:
-            updates = yaml.safe_load(handle) or {}
+        with open(path, "rb") as handle:
+            text = handle.read(MAX_CONFIG_BYTES + 1)
+    except OSError as error:  # a folder, no permission
+        raise ConfigError(f"config file {path}: cannot read ({error.strerror or error})") from error
+    if len(text) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"config file {path}: more than {MAX_CONFIG_BYTES} bytes; a config holds settings, "
+                          f"not data (base.yaml is {BASE_CONFIG.stat().st_size} bytes)")
+    try:
+        updates = _yaml_value(text, str(path)) or {}
     except yaml.YAMLError as error:
         raise ConfigError(f"{path}: not valid YAML ({error})") from error
     if not isinstance(updates, dict):
@@ -146,7 +184,8 @@ def _resolved_and_checked(cfg: dict, schema: dict, source: str) -> dict:
     problems += [line for line in config_problems(cfg, known_keys) if line not in problems]
     if problems:
         count = f"{len(problems)} invalid config value{'s' if len(problems) > 1 else ''}"
-        raise ConfigError(f"{source}: {count}:\n  " + "\n  ".join(problems))
+        # redacted: a storage URL's password must not reach a terminal or a log through its error
+        raise ConfigError(redacted(f"{source}: {count}:\n  " + "\n  ".join(problems)))
     return cfg
 
 

@@ -142,8 +142,19 @@ def atomic_write_json(path, obj) -> Path:
     return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n")
 
 
+class _NoAliasDumper(yaml.SafeDumper):
+    def ignore_aliases(self, data) -> bool:
+        return True
+
+
+def yaml_text(obj) -> str:
+    """safe_dump that writes a value shared by two keys out twice: a config file may hold no alias
+    (pipeline/config.py refuses them)."""
+    return yaml.dump(obj, Dumper=_NoAliasDumper, sort_keys=False)
+
+
 def atomic_write_yaml(path, obj) -> Path:
-    return atomic_write_text(path, yaml.safe_dump(obj, sort_keys=False))
+    return atomic_write_text(path, yaml_text(obj))
 
 
 def atomic_save_npz(path, **arrays) -> Path:
@@ -161,13 +172,28 @@ def atomic_torch_save(path, obj) -> Path:
 
 
 def torch_load(path):
-    """Checkpoints hold tensors, numbers, strings and lists only: never unpickle code."""
+    """Checkpoints hold tensors, numbers, strings and lists only: never unpickle code. A checkpoint whose job
+    recorded its digest must still have it; a damaged or replaced one is named with the command that remakes it."""
     import torch
 
+    from pipeline.artifacts import bytes_digest, checkpoint_record  # artifacts imports this module
+
+    recorded, remedy = checkpoint_record(path)
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        data = Path(path).read_bytes()
+    except FileNotFoundError as error:
+        raise MissingArtifactError(f"{path}: not found; remake it: {remedy}") from error
+    except OSError as error:
+        raise ArtifactError(f"{path}: cannot read checkpoint ({error.strerror or error}); "
+                            f"remake it: {remedy}") from error
+    if recorded is not None and bytes_digest(data) != recorded:
+        raise ArtifactError(f"{path}: not the checkpoint its job saved (its digest differs from the one in the job's "
+                            f"stamp): damaged or replaced; remake it: {remedy}")
+    try:
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as error:  # a truncated or foreign file: say which
-        raise ArtifactError(f"{path}: cannot load checkpoint ({error})") from error
+        detail = " ".join(str(error).split())
+        raise ArtifactError(f"{path}: cannot load checkpoint ({detail[:300]}); remake it: {remedy}") from error
 
 
 def load_npz(path) -> dict[str, np.ndarray]:
@@ -213,18 +239,23 @@ def stable_hash(obj, length: int = 12) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:length]
 
 
-_URL_PASSWORD = re.compile(r"(?P<user>\b[a-z][a-z0-9+.-]*://[^/:@\s]*):[^@\s]*@", re.IGNORECASE)
+_URL_PASSWORD = re.compile(r"(?P<user>\b[a-z][a-z0-9+.-]*://[^/:@\s]*):[^/\s]*@", re.IGNORECASE)
 _URL_QUERY = re.compile(r"(?P<url>\bhttps?://[^\s?#]+)\?[^\s#]+", re.IGNORECASE)
+# a query or DSN parameter whose name says it holds a secret: ?password=, &sslpassword=, ;pwd=, ?access_token=, ...
+_SECRET_PARAMETER = re.compile(r"(?P<name>(?:^|[?&;\s])[\w.-]*(?:pass|pwd|secret|token|credential|api_?key)[\w.-]*)="
+                               r"[^&;\s#]*", re.IGNORECASE)
 
 
 def redacted(value):
-    """A copy with the password of every URL (`scheme://user:password@host`) and the query of every http(s)
-    URL (`?token=...`) replaced by ***.
+    """A copy with every password a URL or connection string may carry replaced by ***: the userinfo's
+    (`scheme://user:password@host`), the value of every parameter named like a secret (`?password=`,
+    `&PWD=`, `;sslpassword=`, `?token=`, case-insensitive) and the whole query of every http(s) URL.
 
     Artifacts and logs never hold a secret: the config's storage URL may carry a database password, a
     webhook URL a token."""
     if isinstance(value, str):
-        return _URL_QUERY.sub(r"\g<url>?***", _URL_PASSWORD.sub(r"\g<user>:***@", value))
+        value = _SECRET_PARAMETER.sub(r"\g<name>=***", _URL_PASSWORD.sub(r"\g<user>:***@", value))
+        return _URL_QUERY.sub(r"\g<url>?***", value)
     if isinstance(value, dict):
         return {key: redacted(item) for key, item in value.items()}
     if isinstance(value, (list, tuple)):

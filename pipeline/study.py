@@ -17,13 +17,12 @@ import time
 from pathlib import Path
 
 import optuna
-import yaml
 from sqlalchemy.exc import SQLAlchemyError
 
 from pipeline.artifacts import output_dir
 from pipeline.config import with_values
 from pipeline.errors import ConfigError, MaskfoldError
-from pipeline.io import atomic_write_json, atomic_write_text, git_commit, redacted
+from pipeline.io import atomic_write_json, atomic_write_text, git_commit, redacted, yaml_text
 
 PARAM_TYPES = ("float", "int", "categorical")
 FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
@@ -55,10 +54,26 @@ def make_storage(cfg: dict):
         Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     elif not url.startswith(("postgresql", "mysql")):
         raise ConfigError(f"tune.storage {url!r}: use sqlite:///FILE, journal:FILE or postgresql://...")
-    return optuna.storages.RDBStorage(
-        url, heartbeat_interval=t["heartbeat_s"], grace_period=t["grace_s"],
-        heartbeat_stale_trial_callback=optuna.storages.RetryFailedTrialCallback(max_retry=t["max_retry"]),
-        engine_kwargs={"pool_pre_ping": True} if not url.startswith("sqlite") else None)
+    for attempt in range(3):
+        try:
+            return optuna.storages.RDBStorage(
+                url, heartbeat_interval=t["heartbeat_s"], grace_period=t["grace_s"],
+                heartbeat_stale_trial_callback=optuna.storages.RetryFailedTrialCallback(max_retry=t["max_retry"]),
+                engine_kwargs={"pool_pre_ping": True} if not url.startswith("sqlite") else None)
+        except SQLAlchemyError as error:
+            # workers started together race to create the schema; the loser finds it made
+            if attempt == 2:
+                raise storage_error(url, error) from error
+            time.sleep(1 + attempt)
+
+
+def storage_error(url: str, error: Exception) -> MaskfoldError:
+    """One line naming the storage (password masked), the database's own words and what to check."""
+    cause = getattr(error, "orig", None) or error  # the driver's error, without SQLAlchemy's background link
+    words = " ".join(line.strip() for line in str(cause).strip().splitlines() if line.strip())
+    return MaskfoldError(f"tune.storage {redacted(url)}: cannot open the study storage ({redacted(words)[:300]}); "
+                         f"check that the database server is running and reachable at that host and port, that "
+                         f"the database exists, and the user and password")
 
 
 def require_shared_storage(cfg: dict, machines: int) -> None:
@@ -77,15 +92,16 @@ def load_study(cfg: dict) -> optuna.Study:
     t = cfg["tune"]
     pruner = optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=1) if t["pruner"] == "median" \
         else optuna.pruners.NopPruner()
+    storage = make_storage(cfg)
     for attempt in range(3):
         try:
-            return optuna.create_study(study_name=t["study"], storage=make_storage(cfg), direction="maximize",
+            return optuna.create_study(study_name=t["study"], storage=storage, direction="maximize",
                                        sampler=optuna.samplers.TPESampler(seed=t["seed"]), pruner=pruner,
                                        load_if_exists=True)
-        except SQLAlchemyError:
-            # workers started together race to create the schema; the loser finds it made
+        except SQLAlchemyError as error:
+            # workers started together race to create the study; the loser finds it made
             if attempt == 2:
-                raise
+                raise storage_error(storage_url(cfg), error) from error
             time.sleep(1 + attempt)
 
 
@@ -168,7 +184,7 @@ def write_best(cfg: dict, study: optuna.Study) -> Path | None:
     header = (f"# Best of Optuna study '{cfg['tune']['study']}' (trial {best.number}, mean val macro F1 "
               f"{best.value:.4f} on folds {cfg['tune']['folds']} after {cfg['tune']['epochs']} epochs).\n"
               f"# Use it: ./run.sh train -c {path}   (or every stage: ./run.sh all -c {path})\n")
-    atomic_write_text(path, header + yaml.safe_dump(redacted(best_cfg), sort_keys=False))
+    atomic_write_text(path, header + yaml_text(redacted(best_cfg)))
     atomic_write_json(folder / "best.json", {"study": cfg["tune"]["study"], "trial": best.number,
                                              "value": best.value, "params": best.params,
                                              "seed": cfg["tune"]["seed"], "git_commit": git_commit()})

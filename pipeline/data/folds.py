@@ -2,8 +2,9 @@
 
 StratifiedGroupKFold over image rows, grouped by person, stratified on the person's
 gender x age band; written to folds/<dataset>-k<K>-seed<S>.csv (person_id, fold) with a stamp
-beside it (<same name>.json) holding the people fingerprint. Same inputs -> the same file, byte
-for byte. A file made for other data is refused, never reused or overwritten.
+beside it (<same name>.json) holding the people fingerprint and the file's digest. Same inputs -> the
+same file, byte for byte. A file made for other data, or changed after it was made, is refused, never
+reused or overwritten; so is one that puts a person in two folds or uses a fold outside 0..K-1.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from sklearn.model_selection import StratifiedGroupKFold
 
 from pipeline import labels
 from pipeline.artifacts import Artifact
-from pipeline.data.layout import read_csv
+from pipeline.data.layout import quoted, read_csv
 from pipeline.errors import ArtifactError, DataError, MaskfoldError
 from pipeline.io import atomic_write_text, stable_hash
 
@@ -43,8 +44,11 @@ def folds_artifact(cfg: dict, table: pd.DataFrame) -> Artifact:
     return Artifact(what=f"folds file {path}", folder=path.parent, stamp_name=path.with_suffix(".json").name,
                     identity={"people": people_fingerprint(people), "k": cfg["folds"]["k"],
                               "seed": cfg["folds"]["seed"], "old_age": cfg["data"]["old_age"]},
-                    remedy="./run.sh folds -c CONFIG --force (replaces the file every run of this data shares)",
-                    outputs=(path.name,), shared_folder=True)
+                    remedy=REMEDY, outputs=(path.name,), shared_folder=True,
+                    check_outputs="digest")  # a few KB, and a hand edit keeps its size when it moves a person
+
+
+REMEDY = "./run.sh folds -c CONFIG --force (replaces the file every run of this data shares)"
 
 
 def assign_folds(table: pd.DataFrame, k: int, seed: int, old_age: int) -> pd.DataFrame:
@@ -85,19 +89,38 @@ def write_folds(cfg: dict, table: pd.DataFrame, text: str | None = None) -> dict
     return per_fold
 
 
-def load_folds(cfg: dict, table: pd.DataFrame) -> pd.Series:
-    """Fold of every image row; the folds file must exist and have been made for this data."""
-    folds_artifact(cfg, table).require()
-    path = folds_path(cfg)
+def read_folds(cfg: dict) -> pd.DataFrame:
+    """The folds file's rows (person_id, fold as int); every person in one fold, every fold in 0..K-1, else an
+    error naming the file, the rows and the people, with the command that remakes it."""
+    path, k = folds_path(cfg), cfg["folds"]["k"]
     try:
-        folds = read_csv(path, ("person_id", "fold"))
-        if not folds["fold"].str.fullmatch(r"\d+").all():
-            raise DataError([f"{path}: column fold holds something other than fold numbers"])
+        folds = read_csv(path, ("person_id", "fold"), what="one row per person")
+        problems, first_row = [], {}
+        for row, (person, fold) in enumerate(zip(folds["person_id"], folds["fold"]), start=1):
+            where = f"{path} row {row} (line {row + 1}, person {quoted(person)})"
+            if not fold.isdigit() or not fold.isascii():
+                problems.append(f"{where}: fold {quoted(fold)} is not a fold number")
+            elif int(fold) >= k:
+                problems.append(f"{where}: fold {int(fold)} is outside 0..{k - 1} (folds.k is {k})")
+            earlier = first_row.setdefault(person, row)
+            if earlier != row:
+                problems.append(f"{path} rows {earlier} and {row} (lines {earlier + 1} and {row + 1}): person "
+                                f"{quoted(person)} is listed twice (folds {quoted(folds['fold'][earlier - 1])} and "
+                                f"{quoted(fold)}); every person must be in exactly one fold")
+        if problems:
+            raise DataError(problems[:5] + ([f"and {len(problems) - 5} more"] if len(problems) > 5 else []))
     except DataError as error:  # stamped, then damaged (a disk error, an edit by hand)
-        raise ArtifactError(f"{'; '.join(error.problems)}; re-run: ./run.sh folds -c CONFIG --force") from error
-    fold_of = dict(zip(folds["person_id"], folds["fold"].astype(int)))
+        raise ArtifactError(f"{'; '.join(error.problems)}; re-run: {REMEDY}") from error
+    return folds.assign(fold=folds["fold"].astype(int))
+
+
+def load_folds(cfg: dict, table: pd.DataFrame) -> pd.Series:
+    """Fold of every image row; the folds file must be sound, made for this data and unchanged since."""
+    path = folds_path(cfg)
+    folds = read_folds(cfg) if path.exists() else None  # its rows first: a bad row is named, not just the file
+    folds_artifact(cfg, table).require()
+    fold_of = dict(zip(folds["person_id"], folds["fold"]))
     missing = sorted(set(table["person_id"]) - set(fold_of))
     if missing:
-        raise MaskfoldError(f"{path}: no fold for {len(missing)} people, e.g. {missing[:3]}; "
-                            f"re-run: ./run.sh folds -c CONFIG --force")
+        raise MaskfoldError(f"{path}: no fold for {len(missing)} people, e.g. {missing[:3]}; re-run: {REMEDY}")
     return table["person_id"].map(fold_of).astype(int)

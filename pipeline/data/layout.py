@@ -7,6 +7,7 @@
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pandas as pd
@@ -52,9 +53,10 @@ def _short_values(error: Exception, value) -> str:
     return str(error).replace(repr(value), quoted(value))
 
 
-def read_csv(path, columns) -> pd.DataFrame:
+def read_csv(path, columns, what: str | None = None) -> pd.DataFrame:
     """All columns as strings (ids keep leading zeros); a missing, empty, binary or unparsable file, or
-    missing columns, name the file and quote at most a few short, escaped pieces of it."""
+    missing columns, name the file and quote at most a few short, escaped pieces of it. With `what` (the
+    rows it must hold), a file with a header and no rows is refused too."""
     path = Path(path)
     if not path.exists():
         raise DataError([f"{path}: file not found"])
@@ -81,6 +83,8 @@ def read_csv(path, columns) -> pd.DataFrame:
         found = ", ".join(quoted(c) for c in frame.columns[:8]) + (
             f" and {len(frame.columns) - 8} more" if len(frame.columns) > 8 else "")
         raise DataError([f"{path}: missing column(s) {', '.join(missing)} (found: {found})"])
+    if what and frame.empty:
+        raise DataError([f"{path}: a header and no rows; expected {what}"])
     return frame
 
 
@@ -98,7 +102,7 @@ def read_people(root) -> tuple[pd.DataFrame, list[str], list[str]]:
     ages and folders), so ids alone cannot key people. A repeated folder is an error.
     """
     path = train_csv(root)
-    frame = read_csv(path, TRAIN_COLUMNS)
+    frame = read_csv(path, TRAIN_COLUMNS, what="one row per person")
     problems, warnings, people = [], [], []
     folder_row: dict[str, int] = {}
     id_row: dict[str, int] = {}
@@ -143,12 +147,26 @@ def read_people(root) -> tuple[pd.DataFrame, list[str], list[str]]:
     return table, problems, warnings
 
 
-def person_images(folder: Path) -> tuple[dict[str, Path], list[str]]:
-    """The 7 images of one person by stem; extensions matched case-insensitively; dotfiles ignored."""
+def leaves_root(path: Path, root) -> str | None:
+    """The problem line of a path that resolves outside data.root through a link (itself or a folder above
+    it), else None. Such a file is never opened: a link may point at anything on the machine."""
+    real, real_root = Path(os.path.realpath(path)), Path(os.path.realpath(root))
+    if real.is_relative_to(real_root):
+        return None
+    return (f"{path}: a link to {real}, outside data.root ({real_root}); links that leave data.root are refused: "
+            f"copy what it points to into data.root instead")
+
+
+def person_images(folder: Path, root=None) -> tuple[dict[str, Path], list[str]]:
+    """The 7 images of one person by stem; extensions matched case-insensitively; dotfiles ignored. With
+    `root` (data.root), a folder or image that links outside it is a problem, never listed as an image."""
+    outside = leaves_root(folder, root) if root is not None else None
+    if outside:
+        return {}, [outside]
     if not folder.is_dir():
         return {}, [f"{folder}: person folder missing"]
     found: dict[str, Path] = {}
-    problems = []
+    problems, refused = [], set()
     for entry in sorted(folder.iterdir()):
         if entry.name.startswith("."):
             continue  # e.g. macOS '._mask1.jpg' shadows in the real archive
@@ -157,11 +175,16 @@ def person_images(folder: Path) -> tuple[dict[str, Path], list[str]]:
             problems.append(f"{entry}: unexpected file (expected {', '.join(labels.IMAGE_STEMS)} "
                             f"with extension {'/'.join(IMAGE_EXTENSIONS)})")
             continue
+        outside = leaves_root(entry, root) if root is not None and entry.is_symlink() else None
+        if outside:
+            problems.append(outside)
+            refused.add(stem)
+            continue
         if stem in found:
             problems.append(f"{entry}: second image for '{stem}' (also {found[stem].name})")
             continue
         found[stem] = entry
-    missing = [s for s in labels.IMAGE_STEMS if s not in found]
+    missing = [s for s in labels.IMAGE_STEMS if s not in found and s not in refused]
     if missing:
         problems.append(f"{folder}: has {len(found)} of the 7 expected images; missing {', '.join(missing)}")
     return found, problems
@@ -199,9 +222,11 @@ def apply_label_fixes(people: pd.DataFrame, fixes: pd.DataFrame,
 
     A fix's `id` is a train.csv id or a person's folder name: the real data gives id 003397 to two
     people, so a fix by an id that several people share is refused, naming their folders, rather than
-    applied to all of them."""
+    applied to all of them. Two rows that fix one person's field to different values are refused, naming
+    both; a row that repeats another's fix (the same value) is applied once and logged as a repeat."""
     people = people.copy()
     swaps, log, problems = {}, [], []
+    first_fix: dict[tuple, tuple[int, object]] = {}  # (person, field) -> (row, value) of the first fix
     for index, row in enumerate(fixes.itertuples(index=False), start=1):
         matches = people.index[people["person_id"] == row.id]
         if len(matches) == 0:
@@ -213,9 +238,29 @@ def apply_label_fixes(people: pd.DataFrame, fixes: pd.DataFrame,
             continue
         if len(matches) == 0:
             log.append(f"{row.id}: {row.field} fix skipped (person not in this data)")
-        for i in matches:
-            _apply_fix(people, swaps, log, i, row)
+            continue
+        i = matches[0]
+        value = _fix_value(row)
+        earlier = first_fix.setdefault((people.at[i, "person_id"], row.field), (index, value))
+        if earlier[0] != index:
+            if earlier[1] != value:
+                problems.append(f"{source} rows {earlier[0]} and {index} (file lines {earlier[0] + 1} and "
+                                f"{index + 1}): two {row.field} fixes for person {quoted(people.at[i, 'person_id'])} "
+                                f"that disagree; keep one of them")
+            else:
+                log.append(f"{row.id}: {row.field} fix skipped (row {index} repeats row {earlier[0]})")
+            continue
+        _apply_fix(people, swaps, log, i, row)
     return people, swaps, log, problems
+
+
+def _fix_value(row):
+    """A fix's value as it is applied, so that 'Male' repeats 'male' and 'normal:mask1' 'mask1:normal'."""
+    if row.field == "gender":
+        return labels.gender_of(row.value)
+    if row.field == "age":
+        return int(row.value)
+    return frozenset(str(row.value).split(":"))
 
 
 def _apply_fix(people, swaps, log, i, row) -> None:
@@ -253,7 +298,7 @@ def load_train(cfg: dict, strict: bool = True) -> tuple[pd.DataFrame, dict]:
     rows, image_files = [], []
     image_root = train_images(root)
     for person in people.itertuples(index=False):
-        found, person_problems = person_images(image_root / person.person_id)
+        found, person_problems = person_images(image_root / person.person_id, root)
         problems.extend(person_problems)
         image_files.extend(str(f) for f in found.values())
         swap = swaps.get(person.person_id)
@@ -283,7 +328,7 @@ def load_eval(cfg: dict, strict: bool = True) -> tuple[pd.DataFrame, list[str]]:
     """info.csv rows in their order, with the image file of each; problems name row and file."""
     root = cfg["data"]["root"]
     path = eval_csv(root)
-    frame = read_csv(path, EVAL_COLUMNS)
+    frame = read_csv(path, EVAL_COLUMNS, what="one row per eval image")
     folder = eval_images(root)
     problems, files = [], []
     seen: dict[str, int] = {}
@@ -297,6 +342,11 @@ def load_eval(cfg: dict, strict: bool = True) -> tuple[pd.DataFrame, list[str]]:
             problems.append(f"{where}: ImageID {quoted(image_id)} repeats row {seen[image_id]}")
         seen[image_id] = index
         file = folder / image_id
+        outside = leaves_root(file, root)
+        if outside:
+            problems.append(f"{where}: {outside}")
+            files.append("")
+            continue
         if not file.is_file():
             problems.append(f"{where}: image {file} is missing")
         files.append(str(file))

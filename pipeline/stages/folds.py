@@ -1,7 +1,7 @@
 """folds stage: person-grouped, stratified folds (pipeline.data.folds), shared by every backbone and run."""
 from __future__ import annotations
 
-from pipeline.data.folds import folds_artifact, folds_csv, folds_path, write_folds
+from pipeline.data.folds import folds_artifact, folds_csv, folds_path, read_folds, write_folds
 from pipeline.data.layout import load_train
 from pipeline.errors import StaleArtifactError
 from pipeline.stages import stage_main
@@ -21,6 +21,7 @@ def _make(cfg: dict, table, artifact, force: bool) -> dict:
         print(f"[folds] {message}; reusing it")
         return {"path": str(path)}
     if status == "stale" and not force:
+        read_folds(cfg)  # a file edited by hand: name its bad rows, if any, rather than only the file
         raise StaleArtifactError(message)  # shared by every run of this data: never overwritten silently
     if status == "missing" and path.exists() and not force:
         # no fingerprint: a run killed between the file and its stamp, or a file from elsewhere
