@@ -39,3 +39,16 @@ def test_the_gain_is_measured_on_folds_the_offsets_never_saw():
     noise = np.random.default_rng(1).dirichlet(np.ones(3), len(label))  # a model that knows nothing
     honest = nested_gain(noise, label, fold)
     assert honest["nested_f1"] < honest["fitted_on_all_f1"]  # fitted-and-scored on one table flatters
+
+
+def test_the_summary_labels_the_oof_as_optimistic_and_prints_the_nested_estimates(gate_run):
+    import json
+
+    from pipeline.stages import summary
+
+    report = json.loads((gate_run["tmp"] / "run" / "ensemble.json").read_text())
+    text = summary.run(gate_run["cfg"])
+    assert "OOF F1 above is optimistic" in text
+    honest = next(line for line in text.splitlines() if line.startswith("honest (nested over folds)"))
+    assert f"weights fitted on other folds {report['ensemble']['nested_weights_f1']:.4f}" in honest
+    assert f"decision offsets fitted on other folds {report['decision']['nested_f1']:.4f}" in honest

@@ -29,6 +29,23 @@ def heldout_f1(cfg: dict, submission: Path) -> float | None:
     return macro_f1(merged["ans_true"].astype(int), merged["ans_pred"].astype(int))
 
 
+def honest_lines(ensemble: dict) -> list[str]:
+    """What the OOF figures above are (selection-biased) and the honest estimates beside them (nested over folds:
+    fitted on all folds but one, scored on that one)."""
+    e, decision = ensemble["ensemble"], ensemble.get("decision") or {}
+    lines = ["OOF F1 above is optimistic: each fold's best epoch was chosen on that fold, and the ensemble's "
+             "weights were fitted on the same OOF"]
+    honest = []
+    if ensemble.get("weights_mode") == "fit" and e.get("nested_weights_f1") is not None:
+        honest.append(f"weights fitted on other folds {e['nested_weights_f1']:.4f}")
+    if decision.get("nested_f1") is not None:
+        honest.append(f"decision offsets fitted on other folds {decision['nested_f1']:.4f} "
+                      f"(argmax {decision['argmax_f1']:.4f}; rule in use: {decision.get('rule', 'argmax')})")
+    if honest:
+        lines.append("honest (nested over folds): " + "; ".join(honest))
+    return lines
+
+
 def _read_report(path: Path) -> dict:
     try:
         report = json.loads(path.read_text())
@@ -63,6 +80,7 @@ def run(cfg: dict, force: bool = False, timings: str | None = None, score_heldou
         lines.append("* a per-task member (model.tasks): the mean macro F1 of its heads; its weight per head")
     lines.append(f"TTA gain on ensemble OOF F1 ({', '.join(ensemble['tta'])}): "
                  f"{e['oof_tta']['f1'] - e['oof']['f1']:+.4f}")
+    lines += honest_lines(ensemble)
     if score_heldout:
         score = heldout_f1(cfg, Path(ensemble["submission"]))
         lines.append(f"demo eval macro F1 (held-out answers): {score:.4f}" if score is not None
