@@ -1,6 +1,5 @@
 """Soft voting, OOF-fitted weights and TTA, on probability tables alone."""
 import inspect
-import types
 
 import numpy as np
 import pytest
@@ -47,43 +46,37 @@ def test_fitted_weights_depend_on_oof_alone():
     assert list(inspect.signature(ensemble.fit_weights).parameters) == ["oof_members", "label", "step", "mode"]
 
 
-def test_ensemble_weights_do_not_change_when_eval_probabilities_change(tmp_path, monkeypatch):
-    """Run the stage twice with the same OOF tables and two unrelated eval tables: same weights."""
-    import pandas as pd
+def test_ensemble_weights_do_not_change_when_eval_probabilities_change(gate_run, tmp_path):
+    """A finished run, then its eval images mirrored: infer predicts them again, the submission changes, and the
+    fitted weights stay exactly what the OOF tables alone give (no stage function replaced)."""
+    import shutil
 
-    from pipeline.config import load_config
+    import cv2
 
-    rng = np.random.default_rng(4)
-    label = rng.integers(0, 18, 120)
-    good, noise = informative_and_confident_noise(label, 5)
-    oof = {"a": good, "b": noise}
-    ids = np.array([f"{i:040x}.jpg" for i in range(30)])
-    info = pd.DataFrame({"ImageID": ids, "ans": 0, "file": ids})
+    from pipeline.evaluate.tables import oof_table, pool_folds, probs_of
+    from pipeline.data.dataset import train_fingerprint
+    from pipeline.data.layout import load_train
+    from pipeline.stages import infer
+    from tests.conftest import GATE_RUN, make_config
 
-    def pooled(cfg, backbone, table, fingerprint=None):
-        return {"image_id": np.arange(120).astype(str), "label": label, "fold": np.zeros(120, int),
-                **{f"probs_{k}": v for k, v in oof[backbone].items()}}
-
-    stage = ensemble_stage
-    monkeypatch.setattr(stage, "load_train", lambda cfg: (pd.DataFrame({"image_id": [], "person_id": [],
-                                                                         "label": [], "age": []}), {}))
-    monkeypatch.setattr(stage, "load_eval", lambda cfg: (info, []))
-    monkeypatch.setattr(stage, "eval_identity", lambda cfg, info: {"pixels": "eval"})
-    monkeypatch.setattr(stage, "train_fingerprint", lambda cfg, table: {"labels": "train"})
-    monkeypatch.setattr(stage, "oof_table", pooled)
-    folder_of = lambda backbone: types.SimpleNamespace(path=lambda name: backbone)  # noqa: E731
-    monkeypatch.setattr(stage, "fresh_infer_artifacts", lambda cfg, backbone, fp, key: {0: folder_of(backbone)})
-    monkeypatch.setattr(stage, "pool_folds", lambda paths: pooled(None, paths[0], None))
-    monkeypatch.setattr(stage, "check_coverage", lambda *a: None)
-    cfg = load_config("configs/demo.yaml", [f"output.dir={tmp_path}", "model.backbones=[a,b]",
-                                            "ensemble.weights=fit", "ensemble.weight_step=0.1"])
-    weights = []
-    for seed in (7, 8):
-        evals = {b: member(seed + i, 30) for i, b in enumerate("ab")}
-        monkeypatch.setattr(stage, "mean_of_folds", lambda paths, image_ids, b, evals=evals: evals[b])
-        weights.append(stage.run(cfg)["weights"])
-    assert weights[0] == weights[1]
-    assert weights[0]["a"] > weights[0]["b"]
+    for sub in ("data", "run", "folds", "cache"):
+        shutil.copytree(gate_run["tmp"] / sub, tmp_path / sub)
+    cfg = make_config(tmp_path, tmp_path / "data", *GATE_RUN, "ensemble.weights=fit", "ensemble.weight_step=0.1")
+    first = ensemble_stage.run(cfg)
+    before = np.load(tmp_path / "run" / "ensemble_probs.npz")["eval_joint"]
+    table, _ = load_train(cfg)
+    fingerprint = train_fingerprint(cfg, table)
+    tta = [probs_of(pool_folds({f: tmp_path / "run" / "infer" / b / f"fold{f}" / "val_probs_tta.npz" for f in range(2)}))
+           for b in cfg["model"]["backbones"]]
+    label = oof_table(cfg, cfg["model"]["backbones"][0], table, fingerprint)["label"]
+    expected = ensemble.backbone_weights(tta, label, cfg["ensemble"])
+    assert first["weights"] == {b: float(w) for b, w in zip(cfg["model"]["backbones"], expected)}
+    for image in (tmp_path / "data" / "eval" / "images").iterdir():
+        cv2.imwrite(str(image), cv2.imread(str(image))[::-1])  # other eval pixels: other eval probabilities
+    infer.run(cfg)
+    second = ensemble_stage.run(cfg)
+    assert np.abs(np.load(tmp_path / "run" / "ensemble_probs.npz")["eval_joint"] - before).max() > 1e-3
+    assert second["weights"] == first["weights"]
 
 
 def test_simplex_grid_covers_weights_that_sum_to_one():
