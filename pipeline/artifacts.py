@@ -40,7 +40,7 @@ EVAL_PROBS, VAL_PROBS_TTA = "eval_probs.npz", "val_probs_tta.npz"
 # sections of the config a training job depends on; locations and worker counts are not among them
 JOB_SECTIONS = ("data", "faces", "folds", "model", "train", "augment")
 JOB_IGNORED = {"data": ("root", "cache_dir", "label_fixes", "num_workers"), "faces": ("dir", "sheet_people"),
-               "folds": ("dir",), "train": ("folds", "threads")}
+               "folds": ("dir",), "train": ("folds", "threads", "checkpoint_every")}
 BOXES, FACES_REPORT, CONTACT_SHEET = "boxes.csv", "report.md", "contact_sheet.png"
 
 

@@ -245,6 +245,7 @@ class TrainSection(_Section):
     layer_decay: _described(_float(ge=0, le=1), "0 (off) or a number in (0, 1]")
     ema_decay: _described(_float(ge=0, lt=1), "0 (off) or a number in (0, 1), e.g. 0.999")
     patience: Count
+    checkpoint_every: Count
     loss: _one_of("ce", "focal", "smooth", "f1")
     label_smoothing: _float(ge=0, lt=1)
     focal_gamma: NonNegative
@@ -256,6 +257,7 @@ class TrainSection(_Section):
     amp: Bool
     channels_last: Bool
     cudnn_benchmark: Bool
+    tf32: Bool
     threads: CountOrZero
     max_batches: CountOrZero
 

@@ -17,8 +17,10 @@ import numpy as np
 import torch
 
 from pipeline.errors import ConfigError
+from pipeline.schema import _short
 
 ENGINES = ("albumentations", "kornia")
+MESSAGE_LIMIT = 400  # characters of a message that quotes a spec: an expanded YAML alias made a 2.1 GB line
 
 
 def engine(cfg: dict, device: torch.device) -> str:
@@ -27,10 +29,15 @@ def engine(cfg: dict, device: torch.device) -> str:
     return ("kornia" if device.type == "cuda" else "albumentations") if name == "auto" else name
 
 
+def _refused(message: str) -> ConfigError:
+    """A ConfigError whose message is cut to MESSAGE_LIMIT characters (the library's own text may quote the spec)."""
+    return ConfigError(message if len(message) <= MESSAGE_LIMIT else message[:MESSAGE_LIMIT] + "... (cut)")
+
+
 def _unknown(kind: str, key: str, name, valid: list[str]) -> ConfigError:
-    close = difflib.get_close_matches(str(name), valid, n=1)
+    close = difflib.get_close_matches(str(name)[:100], valid, n=1)
     hint = f"; did you mean '{close[0]}'?" if close else ""
-    return ConfigError(f"{key}: unknown {kind} transform {name!r}{hint}")
+    return _refused(f"{key}: unknown {kind} transform {_short(name)}{hint}")
 
 
 def _albumentation(spec: dict):
@@ -43,7 +50,7 @@ def _albumentation(spec: dict):
         # strict: a misspelt or renamed (albumentations 1.x) argument is an error, not a silent default
         return getattr(A, name)(**spec, strict=True)
     except (ValueError, TypeError) as error:
-        raise ConfigError(f"augment.train: {name}({spec}): {error}") from error
+        raise _refused(f"augment.train: {name}({_short(spec)}): {error}") from error
 
 
 def train_transform(cfg: dict, seed: int | None = None) -> A.Compose:
@@ -66,7 +73,7 @@ def _kornia_step(spec: dict):
     try:
         return kind(**spec, same_on_batch=False)
     except (ValueError, TypeError, AssertionError) as error:
-        raise ConfigError(f"augment.gpu: {name}({spec}): {error}") from error
+        raise _refused(f"augment.gpu: {name}({_short(spec)}): {error}") from error
 
 
 def gpu_augmenter(cfg: dict) -> torch.nn.Module | None:
@@ -93,8 +100,9 @@ class Normalize(torch.nn.Module):
     Normalisation is a per-channel lookup table of albumentations' own Normalize values, so both
     engines and evaluation give bit-identical input for the same pixels (and the same as before the
     GPU path existed).
-    The kornia engine's output is rounded back to uint8 first, as albumentations' is. The gather
-    writes NHWC, so the NCHW view of it is already channels_last.
+    The kornia engine's output is rounded back to uint8 first, as albumentations' is, and made NHWC in
+    memory again (kornia returns NCHW memory; the uint8 copy is the cheapest place to change it). The
+    gather writes in its index's layout, NHWC, so the NCHW view of it is channels_last.
     """
 
     def __init__(self, cfg: dict, device: torch.device, augmenter: torch.nn.Module | None = None,
@@ -115,6 +123,6 @@ class Normalize(torch.nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         if self.augmenter is not None:
             x = self.augmenter(images.permute(0, 3, 1, 2).float() / 255).clamp_(0, 1)
-            images = (x * 255).round_().to(torch.uint8).permute(0, 2, 3, 1)
+            images = (x * 255).round_().to(torch.uint8).permute(0, 2, 3, 1).contiguous()
         x = self.table[images.long() + self.offsets].permute(0, 3, 1, 2)  # NCHW view of NHWC memory
         return x if self.channels_last else x.contiguous()

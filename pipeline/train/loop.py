@@ -1,14 +1,15 @@
 """One (backbone, fold) training job: train on the other folds, validate on its own, stop early.
 
 Per job, under <output.dir>/train/<backbone>/fold<k>/:
-  last.pt          every epoch: model, EMA, optimizer, schedule, loop state, RNG state
+  last.pt          every train.checkpoint_every epochs and after the last: model, EMA, optimizer, schedule, loop
+                   state, RNG state
   best.pt          model (its EMA when train.ema_decay > 0) at the best validation macro F1
   val_probs.npz    that fold's validation probabilities at the best epoch (per head + 18-class)
   metrics.jsonl    one line per epoch; tb/ TensorBoard scalars; wandb/ with log.wandb (pipeline.train.tracking)
   done.json        the stamp (see pipeline.artifacts), written last
 Every epoch reseeds from (seed, fold, epoch) and every drawn sample's augmentation from its draw
 position, and the LR is a function of the step, so a job killed anywhere continues from last.pt to
-exactly where an uninterrupted run ends.
+exactly where an uninterrupted run ends (redoing the epochs since last.pt, which give the same results).
 
 The recipe: for train.freeze_epochs the backbone is frozen (no gradients, BatchNorm statistics kept)
 and only the head trains; then everything trains, the backbone at train.backbone_lr_mult x the LR
@@ -18,6 +19,7 @@ weights (timm's ModelEmaV3) is what validation, early stopping, best.pt and so i
 from __future__ import annotations
 
 import json
+import math
 import random
 import shutil
 import time
@@ -34,13 +36,12 @@ from pipeline.errors import StaleArtifactError
 from pipeline.evaluate.metrics import score_probs
 from pipeline.evaluate.tables import save_probs
 from pipeline.io import atomic_write_text, write_provenance
-from pipeline.train import checkpoint
+from pipeline.train import backends, checkpoint
 from pipeline.train.augment import Normalize, gpu_augmenter, train_transform
 from pipeline.train.augment import engine as augment_engine
-from pipeline.train.batches import (DeviceBatches, ImageDataset, LoaderBatches, same_label_cutmix, sampler_weights,
-                                    timed)
+from pipeline.train.batches import DeviceBatches, ImageDataset, LoaderBatches, same_label_cutmix, sampler_weights
 from pipeline.train.losses import class_weights, loss_fn, soft_loss
-from pipeline.train.model import autocast, build_model, prepare_model, resolve_device
+from pipeline.train.model import autocast, build_model, prepare_model
 from pipeline.train.predict import eval_normalize, predict
 from pipeline.train.schedule import Schedule, make_optimizer
 from pipeline.train.tracking import RunLog
@@ -108,9 +109,7 @@ def build_job(cfg: dict, backbone: str, fold: int, data: TrainData) -> Job:
     t = cfg["train"]
     if t["threads"]:
         torch.set_num_threads(t["threads"])
-    device = resolve_device(t["device"])
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = t["cudnn_benchmark"]
+    device = backends.job_device(cfg)
     seed = t["seed"] * 100 + fold
     _reseed(seed)
     model = prepare_model(cfg, build_model(cfg, backbone), device)
@@ -181,10 +180,56 @@ def _step(cfg: dict, job: Job, images: torch.Tensor, targets: dict, step: int) -
     return losses
 
 
+class InputClock:
+    """Where an epoch's time goes: each step's input side (from the previous step's end until its batch is model
+    input: waiting for the loader, the copy, the kornia engine's augmentation, CutMix) against the step itself.
+    On CUDA it reads events recorded on the stream, once, at the epoch's end (the epoch's one sync): the host only
+    queues work there, so a host clock would time kernel launches, about 0. Elsewhere the host's clock is the
+    device's."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.marks: list = []
+        self.mark()
+
+    def mark(self) -> None:
+        """At the start, then alternately: this step's input ready, this step done."""
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            self.marks.append(event)
+        else:
+            self.marks.append(time.perf_counter())
+
+    def input_share(self) -> float:
+        if self.cuda:
+            self.marks[-1].synchronize()
+            spans = [a.elapsed_time(b) / 1000 for a, b in zip(self.marks, self.marks[1:])]
+        else:
+            spans = [b - a for a, b in zip(self.marks, self.marks[1:])]
+        return sum(spans[0::2]) / max(sum(spans), 1e-9)
+
+
+def _refuse_layout(job: Job, images: torch.Tensor, epoch: int) -> None:
+    """A batch that is not channels_last where the model is would be converted inside every convolution."""
+    if job.prepare.channels_last and not images.is_contiguous(memory_format=torch.channels_last):
+        raise RuntimeError(f"{job.backbone} fold {job.fold} epoch {epoch}: the training batch is not channels_last "
+                           f"after augmentation (strides {images.stride()})")
+
+
+def _refuse_divergence(job: Job, epoch: int, values: dict, what: str) -> None:
+    """A NaN or infinite loss or probability: the weights are lost, and every later epoch would only pretend."""
+    bad = ", ".join(f"{name} {value}" for name, value in values.items() if not math.isfinite(value))
+    if bad:
+        raise FloatingPointError(f"{job.backbone} fold {job.fold} epoch {epoch}: {what} not finite ({bad}): the "
+                                 f"training diverged (a lower train.lr, or train.amp: false, may help)")
+
+
 def train_one_epoch(cfg: dict, job: Job, epoch: int) -> dict:
-    """One pass over the epoch's draws: mean loss per head, images per second and the share of the
-    epoch spent waiting for batches. Loss sums stay on the device and are read once, at the end (and
-    every PROGRESS_EVERY steps for the progress bar), so the host never waits on the GPU mid-epoch."""
+    """One pass over the epoch's draws: mean loss per head, images per second and the share of the epoch the
+    steps spent on their input (data_wait, see InputClock). Loss sums stay on the device and are read once, at
+    the end (and every PROGRESS_EVERY steps for the progress bar), so the host never waits on the GPU mid-epoch.
+    A mean loss that is not finite stops the job."""
     t = cfg["train"]
     epoch_seed = job.seed * 1000 + epoch
     _reseed(epoch_seed)  # dropout and the kornia engine's parameters draw from torch's global generators
@@ -197,16 +242,19 @@ def train_one_epoch(cfg: dict, job: Job, epoch: int) -> dict:
         job.model.backbone.eval()  # BatchNorm running statistics stay the pretrained ones
     batches = min(len(job.batches), t["max_batches"] or len(job.batches))
     loss_sum = {head: torch.zeros((), device=job.device) for head in job.criteria}
-    started, seen, waited = time.perf_counter(), 0, 0.0
+    started, seen = time.perf_counter(), 0
+    clock = InputClock(job.device)
     bar = tqdm(total=batches, desc=f"{job.backbone} f{job.fold} e{epoch}", leave=False)
-    for step, (wait, (images, targets)) in enumerate(timed(job.batches.epoch(epoch_seed))):
+    for step, (images, targets) in enumerate(job.batches.epoch(epoch_seed)):
         if step >= batches:
             break
-        waited += wait
         images = job.prepare(images)
         if t["cutmix_p"] and float(torch.rand(1, generator=coin)) < t["cutmix_p"]:
             images = same_label_cutmix(images, targets["group"], mix)
+        _refuse_layout(job, images, epoch)
+        clock.mark()
         losses = _step(cfg, job, images, targets, epoch * job.steps_per_epoch + step)
+        clock.mark()
         seen += len(images)
         for head, value in losses.items():
             loss_sum[head] += value.detach() * len(images)
@@ -216,7 +264,8 @@ def train_one_epoch(cfg: dict, job: Job, epoch: int) -> dict:
     bar.close()
     means = {f"loss_{head}": float(total) / max(seen, 1) for head, total in loss_sum.items()}  # the epoch's sync
     elapsed = max(time.perf_counter() - started, 1e-9)
-    return {"images_per_s": seen / elapsed, "data_wait": waited / elapsed, **means}
+    _refuse_divergence(job, epoch, means, "mean training loss")
+    return {"images_per_s": seen / elapsed, "data_wait": clock.input_share(), **means}
 
 
 def validate(cfg: dict, job: Job) -> tuple[dict, dict]:
@@ -286,13 +335,17 @@ def _train(cfg: dict, artifact: Artifact, backbone: str, fold: int, data: TrainD
 
 def _epoch(cfg: dict, job: Job, artifact: Artifact, state: LoopState) -> dict:
     """Train one epoch, validate, step the schedule, then checkpoint: best.pt and its validation table when
-    the F1 improved, and last.pt always, after which a kill resumes from the next epoch."""
+    the F1 improved, and last.pt every train.checkpoint_every epochs and after the last one, after which a kill
+    resumes from the next epoch. last.pt (model, EMA and optimizer, digested and fsynced) can cost a small
+    model's epoch on a GPU."""
     epoch = state.epoch
     first = epoch * job.steps_per_epoch
     record = {"epoch": epoch, "lr": job.schedule.value(first), "lr_backbone": job.schedule.value(first, backbone=True)
               * cfg["train"]["backbone_lr_mult"], "frozen": int(job.frozen(epoch)),
               **train_one_epoch(cfg, job, epoch)}
     val_probs, scores = validate(cfg, job)
+    _refuse_divergence(job, epoch, {key: float(table.sum()) for key, table in val_probs.items()},
+                       "validation probabilities")
     record.update({f"val_{k}": v for k, v in scores.items()})
     job.schedule.observe(scores["f1"])
     if state.improve(epoch, scores["f1"]):
@@ -300,5 +353,7 @@ def _epoch(cfg: dict, job: Job, artifact: Artifact, state: LoopState) -> dict:
         save_probs(artifact.path(VAL_PROBS), job.val_table, val_probs, backbone=job.backbone, fold=job.fold)
     state.history.append(record)
     state.epoch = epoch + 1
-    checkpoint.save_last(artifact, job, asdict(state))
+    t = cfg["train"]
+    if state.epoch % t["checkpoint_every"] == 0 or state.finished(t["epochs"], t["patience"]):
+        checkpoint.save_last(artifact, job, asdict(state))
     return record

@@ -19,9 +19,10 @@ from pipeline.artifacts import BEST, EVAL_PROBS, VAL_PROBS_TTA, Artifact, infer_
 from pipeline.data.dataset import InferData
 from pipeline.evaluate.tables import save_probs
 from pipeline.io import torch_load, write_provenance
+from pipeline.train import backends
 from pipeline.train.augment import Normalize
 from pipeline.train.batches import eval_batches
-from pipeline.train.model import MaskNet, autocast, build_model, prepare_model, resolve_device
+from pipeline.train.model import MaskNet, autocast, build_model, prepare_model
 
 
 def tta_views(x: torch.Tensor, tta) -> list[torch.Tensor]:
@@ -113,7 +114,7 @@ def infer_job(cfg: dict, backbone: str, fold: int, inputs: InferData, force: boo
     checkpoint, TTA and eval images; skipped when they already are (unless `force`). Returns the folder."""
     job = train_artifact(cfg, backbone, fold, inputs.train.fingerprint)
     out = infer_artifact(cfg, backbone, fold, job.read_stamp()["token"], inputs.eval_key)
-    device = resolve_device(cfg["train"]["device"])
+    device = backends.job_device(cfg)  # cudnn.benchmark and TF32 as in training
     with out.lock():
         if out.is_fresh() and not force:
             print(f"[infer] {out.state()[1]}; skipping (--force to redo)")
