@@ -23,7 +23,8 @@ from pydantic_core import PydanticCustomError
 
 # the modules that implement these own their lists; they import no torch
 from pipeline.data.crop import MODES as CROP_MODES, PERSON_BOX  # noqa: E402
-from pipeline.labels import HEADS  # noqa: E402
+from pipeline.labels import HEAD_KINDS, HEADS  # noqa: E402
+from pipeline.train.losses import LOSSES  # noqa: E402
 
 HeadName = Literal[tuple(HEADS)]
 
@@ -200,7 +201,7 @@ class SynthSection(_Section):
 class ModelSection(_Section):
     backbones: Annotated[list[Text], Field(
         min_length=1, description="a non-empty list of distinct timm model names"), AfterValidator(_distinct)]
-    head: _one_of("multihead", "single")
+    head: _one_of(*HEAD_KINDS)
     pretrained: Bool
     pretrained_files: _described(dict[Text, Text], "a mapping of backbone name to weights file path")
     drop_rate: _float(ge=0, lt=1)
@@ -246,7 +247,7 @@ class TrainSection(_Section):
     ema_decay: _described(_float(ge=0, lt=1), "0 (off) or a number in (0, 1), e.g. 0.999")
     patience: Count
     checkpoint_every: Count
-    loss: _one_of("ce", "focal", "smooth", "f1")
+    loss: _one_of(*LOSSES)
     label_smoothing: _float(ge=0, lt=1)
     focal_gamma: NonNegative
     class_weights: Bool

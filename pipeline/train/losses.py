@@ -1,22 +1,31 @@
 """Losses from config: ce, focal, smooth (label smoothing) and f1 (soft macro F1), with optional class weights."""
 from __future__ import annotations
 
-import numpy as np
-import torch
-import torch.nn.functional as F
+from typing import TYPE_CHECKING
 
+import numpy as np
+
+if TYPE_CHECKING:
+    import torch
+
+# the loss names train.loss allows: pipeline/schema.py reads them from here (torch is imported where a
+# loss is built, so reading them costs no torch import)
 LOSSES = ("ce", "focal", "smooth", "f1")
 IGNORE = -1  # the target of a head a pseudo-labelled image has no label for (pipeline.data.pseudo.UNLABELLED)
 
 
 def class_weights(targets: np.ndarray, num_classes: int) -> torch.Tensor:
     """Inverse frequency, normalised to mean 1; classes absent from training get weight 1."""
+    import torch
+
     counts = np.bincount(targets, minlength=num_classes).astype(np.float64)
     weights = np.where(counts > 0, counts.sum() / np.maximum(counts, 1) / num_classes, 1.0)
     return torch.tensor(weights / weights.mean(), dtype=torch.float32)
 
 
 def loss_fn(name: str, weight: torch.Tensor | None, label_smoothing: float, focal_gamma: float):
+    import torch.nn.functional as F
+
     if name not in LOSSES:
         raise ValueError(f"train.loss {name!r} is not one of {', '.join(LOSSES)}")
 
@@ -43,6 +52,8 @@ def loss_fn(name: str, weight: torch.Tensor | None, label_smoothing: float, foca
             log_pt = log_p.gather(1, target[:, None]).squeeze(1)
             focal = (1 - log_pt.exp()) ** focal_gamma * -log_pt
             return (focal * row_weight).sum() / row_weight.sum().clamp(min=1e-12)
+        if name != "f1":
+            raise AssertionError(f"train.loss {name!r} is in LOSSES but has no implementation here")
         # soft macro F1 over the batch: differentiable stand-in for the competition score
         probs = logits.softmax(dim=1) * known[:, None]
         one_hot = F.one_hot(target, logits.shape[1]).float() * known[:, None]
@@ -60,4 +71,6 @@ def loss_fn(name: str, weight: torch.Tensor | None, label_smoothing: float, foca
 
 def soft_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Cross-entropy to a teacher's probabilities (rows of `target` sum to 1): what a student learns from."""
+    import torch.nn.functional as F
+
     return -(target.float() * F.log_softmax(logits.float(), dim=1)).sum(1).mean()
