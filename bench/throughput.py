@@ -41,7 +41,8 @@ from pipeline.artifacts import LAST, train_artifact  # noqa: E402
 from pipeline.train import checkpoint, loop  # noqa: E402
 from pipeline.train.backends import job_device  # noqa: E402
 from pipeline.train.model import build_model, prepare_model  # noqa: E402
-from pipeline.train.predict import _forward_views, eval_normalize, predict, tta_views  # noqa: E402
+from pipeline.train.predict import _forward_views, eval_normalize, predict  # noqa: E402
+from pipeline.train.views import tta_views  # noqa: E402
 
 
 def sync(device: torch.device) -> None:
@@ -71,7 +72,7 @@ def train_ceiling(cfg: dict, job, warmup: int, steps: int) -> float:
     from pipeline import labels
 
     targets = {head: torch.randint(0, size, (batch,), device=device) for head, size in
-               {**labels.HEADS, "joint": labels.NUM_CLASSES}.items()}
+               labels.SIZES.items()}
     return timed_rate(lambda: loop._step(cfg, job, images, targets, 0), batch, warmup, steps, device)
 
 

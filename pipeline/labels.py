@@ -18,6 +18,7 @@ NUM_MASK, NUM_GENDER, NUM_AGE = 3, 2, 3
 NUM_CLASSES = NUM_MASK * NUM_GENDER * NUM_AGE  # 18
 HEADS = {"mask": NUM_MASK, "gender": NUM_GENDER, "age": NUM_AGE}  # name -> size, in logit order
 TABLE_KEYS = (*HEADS, "joint")  # what every probability table holds
+SIZES = {**HEADS, "joint": NUM_CLASSES}  # classes per table key (and per training target)
 HEAD_KINDS = ("multihead", "single")
 
 MASK_BY_STEM = {

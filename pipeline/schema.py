@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import copy
 import difflib
-import math
 import reprlib
 from collections.abc import Collection
 from typing import Annotated, Any, Literal
@@ -24,12 +23,11 @@ from pydantic_core import PydanticCustomError
 # the modules that implement these own their lists; they import no torch
 from pipeline.data.crop import MODES as CROP_MODES, PERSON_BOX  # noqa: E402
 from pipeline.labels import HEAD_KINDS, HEADS  # noqa: E402
+from pipeline.train import engines, views  # noqa: E402
 from pipeline.train.losses import LOSSES  # noqa: E402
 
 HeadName = Literal[tuple(HEADS)]
 
-SCALE_RANGE = (0.5, 2.0)  # a scale TTA view outside it is a typo (the probe loaded scale:1e9), not a view
-TTA_VIEWS = f"none, hflip or scale:<factor in [{SCALE_RANGE[0]}, {SCALE_RANGE[1]}]>"
 SPACE_TYPES = ("float", "int", "categorical")
 STORAGE_URL = r"^(sqlite:///.+|journal:.+|(postgresql|mysql)(\+\w+)?://.+|env:[A-Za-z_][A-Za-z0-9_]*)$"
 RAY_ADDRESS = r"^(auto|[^\s/:]+:\d+)$"
@@ -76,18 +74,8 @@ def _distinct(values: list) -> list:
 
 
 def _tta_view(view: str) -> str:
-    factor = view.removeprefix("scale:") if view.startswith("scale:") else None
-    if view in ("none", "hflip") or (factor is not None and _positive_number(factor)):
-        return view
-    raise ValueError(f"unknown view {view!r}")
-
-
-def _positive_number(text: str) -> bool:
-    """A scale factor in SCALE_RANGE."""
-    try:
-        return math.isfinite(float(text)) and SCALE_RANGE[0] <= float(text) <= SCALE_RANGE[1]
-    except ValueError:
-        return False
+    views.parse(view)  # ValueError naming the view
+    return view
 
 
 def _box_not_inverted(box: list[float]) -> list[float]:
@@ -274,7 +262,7 @@ class LogSection(_Section):
 class AugmentSection(_Section):
     mean: _three(_float(), "3 numbers (one per RGB channel)")
     std: _three(_float(gt=0), "3 numbers > 0 (one per RGB channel)")
-    engine: _one_of("auto", "albumentations", "kornia")
+    engine: _one_of(engines.AUTO, *engines.ENGINES)
     train: _described(list[Annotated[dict[str, Any], AfterValidator(_names_a_transform)]] | None,
                       "null or a list of albumentations transforms, each a mapping with a string 'name' "
                       "(e.g. {name: HorizontalFlip, p: 0.5})")
@@ -285,7 +273,7 @@ class AugmentSection(_Section):
 
 class InferSection(_Section):
     tta: Annotated[list[Annotated[str, AfterValidator(_tta_view)]], Field(
-        min_length=1, description=f"a non-empty list of distinct views, each {TTA_VIEWS}"), AfterValidator(_distinct)]
+        min_length=1, description=f"a non-empty list of distinct views, each {views.ALLOWED}"), AfterValidator(_distinct)]
     batch_size: Count
 
 

@@ -10,7 +10,8 @@ from pipeline.config import load_config
 from pipeline.evaluate import ensemble
 from pipeline.stages import ensemble as ensemble_stage
 from pipeline.train.model import MaskNet
-from pipeline.train.predict import eval_normalize, predict, tta_views
+from pipeline.train.predict import eval_normalize, predict
+from pipeline.train.views import tta_views
 
 
 def member(seed, n=200):

@@ -13,9 +13,9 @@ from pipeline import labels, schema
 from pipeline.config import load_config
 from pipeline.errors import ConfigError
 from pipeline.study import suggest
-from pipeline.train import augment, losses
+from pipeline.train import augment, engines, losses, views
 from pipeline.train.model import MaskNet
-from pipeline.train.predict import tta_views
+from pipeline.train.views import tta_views
 
 
 def allowed(section, key) -> tuple:
@@ -37,10 +37,25 @@ def test_every_head_kind_the_config_allows_builds_a_model():
 
 
 def test_the_config_allows_exactly_the_augmentation_engines_there_are():
-    assert allowed(schema.AugmentSection, "engine") == ("auto", *augment.ENGINES)
+    assert allowed(schema.AugmentSection, "engine") == (engines.AUTO, *engines.ENGINES)
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    for name in engines.ENGINES:  # the engine a job runs is the one configured
+        assert augment.engine({"augment": {"engine": name}}, cpu) == name
+    assert [augment.engine({"augment": {"engine": "auto"}}, d) for d in (cpu, cuda)] == ["albumentations", "kornia"]
+    with pytest.raises(ValueError, match="unknown engine"):
+        engines.engine("torchvision", "cpu")
 
 
-@pytest.mark.parametrize("view", ["none", "hflip", "scale:1.5"])
+def test_the_schema_states_and_checks_the_views_their_owner_defines():
+    assert views.ALLOWED in schema.InferSection.model_fields["tta"].description
+    for name in (*views.FIXED, f"{views.SCALE}{views.SCALE_RANGE[0]}", f"{views.SCALE}{views.SCALE_RANGE[1]}"):
+        load_config("configs/demo.yaml", [f"infer.tta=[{name!r}]"])
+    for name in (f"{views.SCALE}{views.SCALE_RANGE[0] / 2}", f"{views.SCALE}{views.SCALE_RANGE[1] * 2}", "scale:x"):
+        with pytest.raises(ConfigError, match="infer.tta"):
+            load_config("configs/demo.yaml", [f"infer.tta=[{name!r}]"])
+
+
+@pytest.mark.parametrize("view", [*views.FIXED, "scale:1.5"])
 def test_every_tta_view_the_config_allows_is_a_view(view):
     cfg = load_config("configs/demo.yaml", [f"infer.tta=[{view!r}]"])
     assert len(tta_views(torch.zeros(1, 3, 8, 8), cfg["infer"]["tta"])) == 1

@@ -57,7 +57,8 @@ def test_the_ensemble_gives_a_head_only_member_weight_only_on_its_heads(tasks_ru
     text = summary.run(cfg)
     assert "a per-task member" in text
     row = next(line for line in text.splitlines() if line.startswith(AGE_ONLY))
-    assert f"a{report['weights'][AGE_ONLY]['age']:.2f}" in row and row.split()[2].endswith("*")
+    assert f"{AGE_ONLY} age {report['weights'][AGE_ONLY]['age']:.2f} " in " ".join(row.split()) + " "
+    assert row.split()[3].endswith("*")  # its F1: the mean of its heads, marked
 
 
 def test_the_bundle_votes_per_head_as_the_ensemble_stage(tasks_run):

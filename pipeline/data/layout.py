@@ -4,6 +4,7 @@
     <root>/train/images/<path>/       mask1..mask5, incorrect_mask, normal (.jpg/.jpeg/.png)
     <root>/eval/info.csv              ImageID,ans
     <root>/eval/images/<ImageID>
+    <root>/eval_answers.csv           the demo's held-out answers (synth writes them; the competition has none)
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ EVAL_COLUMNS = ("ImageID", "ans")
 FIX_COLUMNS = ("id", "field", "value")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 MIN_AGE, MAX_AGE = 1, 120
+HELDOUT_ANSWERS = "eval_answers.csv"  # beside eval/, never inside it: nothing that reads eval/ can see them
 
 
 def train_csv(root) -> Path:
@@ -37,6 +39,10 @@ def eval_csv(root) -> Path:
 
 def eval_images(root) -> Path:
     return Path(root) / "eval" / "images"
+
+
+def heldout_answers(root) -> Path:
+    return Path(root) / HELDOUT_ANSWERS
 
 
 def quoted(value, limit: int = 40) -> str:

@@ -30,6 +30,7 @@ import cv2
 import numpy as np
 
 from pipeline.artifacts import Artifact
+from pipeline.data import layout
 from pipeline.errors import MaskfoldError
 from pipeline.io import atomic_write_bytes, atomic_write_text, parallel
 from pipeline.labels import GENDER_NAMES, IMAGE_STEMS, OFFICIAL_OLD, age_band, class_index, mask_of
@@ -559,7 +560,7 @@ def synth_artifact(cfg: dict) -> Artifact:
     section = {k: v for k, v in cfg["synth"].items() if k not in ("out", "workers")}
     return Artifact(what=f"demo dataset {out}", folder=out, stamp_name="synth.json",
                     identity={"synth": section, "version": SYNTH_VERSION}, remedy="./run.sh synth -c CONFIG",
-                    outputs=("train/train.csv", "eval/info.csv", "eval_answers.csv", "label_fixes.csv"))
+                    outputs=("train/train.csv", "eval/info.csv", layout.HELDOUT_ANSWERS, "label_fixes.csv"))
 
 
 def _paths(out: Path) -> dict:
@@ -569,7 +570,7 @@ def _paths(out: Path) -> dict:
         "train_images": out / "train" / "images",
         "eval_info": out / "eval" / "info.csv",
         "eval_images": out / "eval" / "images",
-        "eval_answers": out / "eval_answers.csv",
+        "eval_answers": layout.heldout_answers(out),
         "label_fixes": out / "label_fixes.csv",
         "synth_json": out / "synth.json",
     }

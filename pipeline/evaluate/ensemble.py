@@ -38,6 +38,13 @@ def weights_by_backbone(weights, backbones: list[str], members: list[dict]) -> d
     return {b: {h: float(weights[h][i]) for h in labels.HEADS if h in members[i]} for i, b in enumerate(backbones)}
 
 
+def weight_text(weight) -> str:
+    """One member's weight as the ensemble stage and the summary print it: 0.50, or per head 'mask 0.50 age 1.00'."""
+    if isinstance(weight, dict):
+        return " ".join(f"{head} {value:.2f}" for head, value in weight.items())
+    return f"{weight:.2f}"
+
+
 def head_members(members: list[dict], head: str) -> list[int]:
     """The members that predict `head`."""
     return [i for i, m in enumerate(members) if head in m]

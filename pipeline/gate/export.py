@@ -32,7 +32,7 @@ from pipeline.gate.runtime import FORMAT, VERSION, class_names
 from pipeline.io import atomic_write_bytes, atomic_write_json, git_commit, redacted, stable_hash, torch_load
 from pipeline.train.augment import Normalize
 from pipeline.train.model import build_model
-from pipeline.train.predict import tta_views
+from pipeline.train.views import tta_views
 
 GRAPH, MANIFEST = "ensemble.onnx", "bundle.json"
 OUTPUT_COLUMNS = {"mask": (0, 3), "gender": (3, 5), "age": (5, 8), "joint": (8, 26)}  # slices of the output

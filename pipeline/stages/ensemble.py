@@ -15,7 +15,8 @@ from pipeline.data.dataset import eval_identity, train_fingerprint
 from pipeline.data.layout import load_eval, load_train
 from pipeline.data.pseudo import ENSEMBLE_PROBS
 from pipeline.evaluate.decision import nested_gain
-from pipeline.evaluate.ensemble import backbone_weights, combine, nested_weights_f1, submission_frame, weights_by_backbone
+from pipeline.evaluate.ensemble import (backbone_weights, combine, nested_weights_f1, submission_frame, weight_text,
+                                        weights_by_backbone)
 from pipeline.evaluate.metrics import score_probs
 from pipeline.evaluate.tables import check_coverage, fresh_infer_artifacts, mean_of_folds, oof_table, pool_folds, probs_of
 from pipeline.io import atomic_save_npz, atomic_write_json, atomic_write_text, provenance
@@ -69,8 +70,7 @@ def run(cfg: dict, force: bool = False) -> dict:
         report["probs"] = {"path": str(out / ENSEMBLE_PROBS), "digest": file_digest(out / ENSEMBLE_PROBS)}
         atomic_write_json(out / "ensemble.json", report)
     for b, m in members.items():
-        weight = (" ".join(f"{h} {w:.2f}" for h, w in m["weight"].items()) if isinstance(m["weight"], dict)
-                  else f"{m['weight']:.2f}")
+        weight = weight_text(m["weight"])
         what = "OOF F1" if "joint" in oof[backbones.index(b)] else f"OOF F1 (mean of its heads {', '.join(m['heads'])})"
         print(f"[ensemble] {b:<32} weight {weight}  {what} {m['oof']['f1']:.4f}  with TTA {m['oof_tta']['f1']:.4f}")
     if scores["nested_weights_f1"] is not None:

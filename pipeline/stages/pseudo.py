@@ -16,6 +16,7 @@ import pandas as pd
 
 from pipeline import labels
 from pipeline.artifacts import Artifact, file_digest, output_dir
+from pipeline.data import layout
 from pipeline.data.layout import load_eval, read_csv
 from pipeline.data.pseudo import ENSEMBLE_PROBS, UNLABELLED, choose, teacher_tables
 from pipeline.errors import ArtifactError, MissingArtifactError, StaleArtifactError
@@ -23,7 +24,6 @@ from pipeline.io import atomic_write_text, write_provenance
 from pipeline.stages import stage_main
 
 PSEUDO_TABLE, REPORT = "pseudo.csv", "report.md"
-ANSWERS = "eval_answers.csv"  # the demo's held-out answers (synth): only the report's precision reads them
 
 
 def run(cfg: dict, force: bool = False) -> dict:
@@ -81,7 +81,7 @@ def _same_file(configured: str, table_path) -> bool:
 
 def _accuracy(cfg: dict, chosen: pd.DataFrame) -> dict | None:
     """Per head, the share of the kept labels that the demo's held-out answers confirm (None on real data)."""
-    path = Path(cfg["data"]["root"]) / ANSWERS
+    path = layout.heldout_answers(cfg["data"]["root"])  # the demo's (synth): only the report's precision reads them
     if not path.exists():
         return None
     truth = read_csv(path, ("ImageID", "ans")).set_index("ImageID")["ans"].astype(int)

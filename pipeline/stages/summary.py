@@ -6,17 +6,17 @@ from pathlib import Path
 
 from pipeline import labels
 from pipeline.artifacts import output_dir
+from pipeline.data import layout
 from pipeline.data.layout import read_csv
 from pipeline.errors import ArtifactError, MaskfoldError, MissingArtifactError
+from pipeline.evaluate.ensemble import weight_text
 from pipeline.evaluate.metrics import macro_f1
 from pipeline.io import atomic_write_text
 from pipeline.stages import stage_main
 
-HELDOUT_NAME = "eval_answers.csv"  # written by synth beside eval/, never inside it
-
 
 def heldout_f1(cfg: dict, submission: Path) -> float | None:
-    answers = Path(cfg["data"]["root"]) / HELDOUT_NAME
+    answers = layout.heldout_answers(cfg["data"]["root"])
     if not answers.exists():
         return None
     truth, predicted = read_csv(answers, ("ImageID", "ans")), read_csv(submission, ("ImageID", "ans"))
@@ -65,7 +65,7 @@ def run(cfg: dict, force: bool = False, timings: str | None = None, score_heldou
     for backbone, member in ensemble["members"].items():
         o, t, w = member["oof"], member["oof_tta"], member["weight"]
         # a per-task member: its weight per head it predicts, its F1 the mean of those heads' (marked *)
-        weight = "/".join(f"{h[0]}{v:.2f}" for h, v in w.items()) if isinstance(w, dict) else f"{w:.2f}"
+        weight = weight_text(w)
         partial = "" if all(f"f1_{h}" in o for h in labels.HEADS) else "*"
         rows.append((backbone, weight, f"{o['f1']:.4f}{partial}", f"{t['f1']:.4f}{partial}",
                      *(f"{o[f'f1_{h}']:.3f}" if f"f1_{h}" in o else "-" for h in labels.HEADS)))

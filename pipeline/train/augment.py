@@ -18,15 +18,14 @@ import torch
 
 from pipeline.errors import ConfigError
 from pipeline.schema import _short
+from pipeline.train import engines
 
-ENGINES = ("albumentations", "kornia")
 MESSAGE_LIMIT = 400  # characters of a message that quotes a spec: an expanded YAML alias made a 2.1 GB line
 
 
 def engine(cfg: dict, device: torch.device) -> str:
-    """The configured engine; `auto` is kornia on CUDA and albumentations elsewhere."""
-    name = cfg["augment"]["engine"]
-    return ("kornia" if device.type == "cuda" else "albumentations") if name == "auto" else name
+    """The configured engine for a job on `device` (pipeline/train/engines.py owns the names)."""
+    return engines.engine(cfg["augment"]["engine"], device.type)
 
 
 def _refused(message: str) -> ConfigError:

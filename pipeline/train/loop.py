@@ -156,7 +156,7 @@ def _criteria(cfg: dict, data: TrainData, train_rows: np.ndarray, model_heads: t
 def _head_class_weights(cfg: dict, head_targets: np.ndarray, head: str):
     if not cfg["train"]["class_weights"]:
         return None
-    return class_weights(head_targets[head_targets >= 0], {**labels.HEADS, "joint": labels.NUM_CLASSES}[head])
+    return class_weights(head_targets[head_targets >= 0], labels.SIZES[head])
 
 
 def set_frozen(job: Job, frozen: bool) -> None:
@@ -227,9 +227,10 @@ def _refuse_divergence(job: Job, epoch: int, values: dict, what: str) -> None:
 
 def train_one_epoch(cfg: dict, job: Job, epoch: int) -> dict:
     """One pass over the epoch's draws: mean loss per head, images per second and the share of the epoch the
-    steps spent on their input (data_wait, see InputClock). Loss sums stay on the device and are read once, at
-    the end (and every PROGRESS_EVERY steps for the progress bar), so the host never waits on the GPU mid-epoch.
-    A mean loss that is not finite stops the job."""
+    steps spent on their input (data_wait, see InputClock). Loss sums stay on the device; the host reads them,
+    and so waits for the GPU to catch up, only every PROGRESS_EVERY steps (the progress bar) and at the end.
+    The loader can still make the GPU wait for input: data_wait says how much. A mean loss that is not finite
+    stops the job."""
     t = cfg["train"]
     epoch_seed = job.seed * 1000 + epoch
     _reseed(epoch_seed)  # dropout and the kornia engine's parameters draw from torch's global generators

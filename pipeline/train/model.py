@@ -12,6 +12,7 @@ import torch.nn as nn
 
 from pipeline import labels
 from pipeline.errors import ConfigError, MaskfoldError
+from pipeline.train import views
 
 
 class MaskNet(nn.Module):
@@ -22,12 +23,10 @@ class MaskNet(nn.Module):
         super().__init__()
         if head not in labels.HEAD_KINDS:
             raise ConfigError(f"model.head {head!r} is not one of {', '.join(labels.HEAD_KINDS)}")
-        if not timm.is_model(backbone):
-            raise ConfigError(f"model.backbones: {backbone!r} is not a timm model")
+        if problems := backbone_problems(backbone, pretrained_file):
+            raise ConfigError("model.backbones / model.pretrained_files: " + "; ".join(problems))
         kwargs = size_kwargs(backbone, image_size)
         if pretrained_file:
-            if not Path(pretrained_file).is_file():
-                raise ConfigError(f"model.pretrained_files: the file for {backbone} was not found: {pretrained_file}")
             pretrained = True
         elif pretrained:
             pretrained_file = cached_weights(backbone)  # None: the hub is reachable and timm downloads them
@@ -169,20 +168,28 @@ def check_tta(cfg: dict, backbone: str) -> None:
     """A scale TTA view resizes the input; a backbone whose input size is fixed (ViT, Swin, ...) cannot take
     it, and would only crash at the infer stage, after all the training: refuse it before."""
     pretrained_cfg = timm.get_pretrained_cfg(backbone)
-    scaled = [v for v in cfg["infer"]["tta"] if str(v).startswith("scale:") and float(str(v)[6:]) != 1.0]
+    scaled = [v for v in cfg["infer"]["tta"] if views.resizes(v)]
     if scaled and pretrained_cfg and pretrained_cfg.fixed_input_size:
         raise ConfigError(f"model.backbones: {backbone} has a fixed input size, so infer.tta view(s) "
                           f"{', '.join(scaled)} cannot run on it; use none and hflip, or another backbone")
 
 
+def backbone_problems(backbone: str, pretrained_file=None) -> list[str]:
+    """What stops `backbone` from being built at all: checked here only, for check_backbones at load and for
+    a MaskNet built from a bundle or a test."""
+    problems = [] if timm.is_model(backbone) else [f"{backbone!r} is not a timm model"]
+    if pretrained_file and not Path(pretrained_file).is_file():
+        problems.append(f"the file for {backbone} was not found: {pretrained_file}")
+    return problems
+
+
 def check_backbones(cfg: dict) -> None:
     """Every configured backbone is a timm model, its pretrained file (if any) exists, and it takes the
     configured input size; all problems named at once."""
-    problems = [f"{b!r} is not a timm model" for b in cfg["model"]["backbones"] if not timm.is_model(b)]
-    problems += [f"the file for {b} was not found: {f}" for b, f in cfg["model"]["pretrained_files"].items()
-                 if b in cfg["model"]["backbones"] and not Path(f).is_file()]
+    problems = []
     for backbone in cfg["model"]["backbones"]:
-        if not timm.is_model(backbone):
+        if found := backbone_problems(backbone, cfg["model"]["pretrained_files"].get(backbone)):
+            problems += found
             continue
         try:
             check_input_size(cfg, backbone)

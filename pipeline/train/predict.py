@@ -11,7 +11,6 @@ import math
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from pipeline import labels
@@ -23,22 +22,7 @@ from pipeline.train import backends
 from pipeline.train.augment import Normalize
 from pipeline.train.batches import eval_batches
 from pipeline.train.model import MaskNet, autocast, build_model, prepare_model
-
-
-def tta_views(x: torch.Tensor, tta) -> list[torch.Tensor]:
-    """Test-time views of a normalised batch: 'none', 'hflip', 'scale:<factor>' (names checked at config load)."""
-    views = []
-    for name in tta:
-        if name == "none":
-            views.append(x)
-        elif name == "hflip":
-            views.append(torch.flip(x, dims=[3]))
-        elif str(name).startswith("scale:"):
-            factor = float(str(name).split(":", 1)[1])
-            views.append(F.interpolate(x, scale_factor=factor, mode="bilinear", align_corners=False))
-        else:
-            raise ValueError(f"infer.tta: unknown view {name!r} (none, hflip, scale:<factor>)")
-    return views
+from pipeline.train.views import tta_views
 
 
 def _forward_views(model: MaskNet, views: list[torch.Tensor], amp: bool, channels_last: bool) -> dict:
