@@ -7,9 +7,11 @@ import pandas as pd
 import pytest
 from sklearn.metrics import f1_score
 
+from pipeline import labels
 from pipeline.config import with_values
 from pipeline.errors import ArtifactError, MaskfoldError, MissingArtifactError, StaleArtifactError
 from pipeline.evaluate.ensemble import check_submission, combine
+from pipeline.evaluate.metrics import macro_f1
 from pipeline.io import load_npz
 from pipeline.stages import check, ensemble, folds, infer, oof, summary, synth, train
 from tests.conftest import make_config
@@ -33,16 +35,29 @@ def tiny_run(tmp_path_factory):
     return {"cfg": cfg, "tmp": tmp, "summaries": summaries, "oof": reports, "ensemble": result}
 
 
-def test_tiny_run_learns_at_least_three_times_chance(tiny_run):
-    pooled = load_npz(tiny_run["tmp"] / "run" / "oof" / "mobilenetv3_small_050.npz")
-    label = pooled["label"]
+def _chance_f1(truth: np.ndarray, classes: int) -> float:
+    """The better of two models that know nothing: uniform guesses, and the labels shuffled (the class prior)."""
     rng = np.random.default_rng(0)
-    uniform = np.mean([f1_score(label, rng.integers(0, 18, len(label)), labels=range(18), average="macro",
-                                zero_division=0) for _ in range(20)])
-    prior = np.mean([f1_score(label, rng.permutation(label), labels=range(18), average="macro", zero_division=0)
-                     for _ in range(20)])
-    chance = max(uniform, prior)
-    assert tiny_run["oof"]["mobilenetv3_small_050"]["f1"] >= 3 * chance, (tiny_run["oof"]["mobilenetv3_small_050"]["f1"], chance)
+    uniform = np.mean([macro_f1(truth, rng.integers(0, classes, len(truth)), classes) for _ in range(20)])
+    prior = np.mean([macro_f1(truth, rng.permutation(truth), classes) for _ in range(20)])
+    return max(uniform, prior)
+
+
+# What the tiny run must reach above chance, the joint and each head on its own, so that one head cannot carry
+# a model that learnt nothing else. Measured 2026-12-02 (this 2-core machine): joint 0.202 (3.8x its chance),
+# gender 0.743 (1.5x), age 0.603 (1.8x). Its mask head is not here: 0.393 against a chance of 0.333 (1.2x) at
+# 40x48 pixels after 15 epochs is too close to chance for a margin that luck cannot meet (the demo's is 0.9).
+MARGINS = {"joint": 3.0, "gender": 1.3, "age": 1.5}
+
+
+@pytest.mark.parametrize("key", list(MARGINS))
+def test_tiny_run_learns_the_joint_gender_and_age_well_beyond_chance(tiny_run, key):
+    pooled = load_npz(tiny_run["tmp"] / "run" / "oof" / "mobilenetv3_small_050.npz")
+    mask, gender, age = labels.decompose(pooled["label"])
+    truth = {"joint": pooled["label"], "mask": mask, "gender": gender, "age": age}[key]
+    f1 = macro_f1(truth, pooled[f"probs_{key}"].argmax(1), labels.SIZES[key])
+    chance = _chance_f1(truth, labels.SIZES[key])
+    assert f1 >= MARGINS[key] * chance, (key, f1, chance)
 
 
 def test_pooled_oof_f1_is_scikit_learns_f1_on_the_pooled_table(tiny_run):

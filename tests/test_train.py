@@ -1,4 +1,5 @@
 """Training jobs: kill -9 and resume, stale checkpoints, local pretrained weights, losses, CutMix, batches, schedules."""
+import json
 import os
 import signal
 import subprocess
@@ -9,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from pipeline import labels
 from pipeline.config import load_config
 from pipeline.data.dataset import load_train_data
 from pipeline.errors import ArtifactError, ConfigError, StaleArtifactError
@@ -16,7 +18,9 @@ from pipeline.io import PROJECT_ROOT, load_npz
 from pipeline.stages import folds, train
 from pipeline.train.augment import Normalize, gpu_augmenter, train_transform
 from pipeline.train.batches import DeviceBatches, EpochSampler, ImageDataset, same_label_cutmix
+from pipeline.train import loop
 from pipeline.train.model import MaskNet
+from pipeline.train.predict import eval_normalize, predict
 from tests.conftest import make_config
 
 FAST = ["data.image_size=[32,40]", "folds.k=3", "model.backbones=[mobilenetv3_small_050]", "train.folds=[0]",
@@ -149,10 +153,20 @@ def test_tensorboard_on_a_full_disk_names_its_folder(tmp_path, tiny_data, monkey
 
 
 def test_checkpoints_load_with_weights_only(tmp_path, tiny_data):
+    """Both checkpoints load with weights_only=True into a fresh model, strictly, and best.pt's weights are the
+    ones that predicted its validation table."""
     run_job(tmp_path, tiny_data)
+    cfg = make_config(tmp_path, tiny_data, *FAST)
+    data, cpu = load_train_data(cfg), torch.device("cpu")
+    _, val_rows = data.split(0)
+    saved = load_npz(job_folder(tmp_path) / "val_probs.npz")["probs_joint"]
     for name in ("best.pt", "last.pt"):
         checkpoint = torch.load(job_folder(tmp_path) / name, weights_only=True)
-        assert "model" in checkpoint
+        model = MaskNet("mobilenetv3_small_050")
+        model.load_state_dict(checkpoint["model"], strict=True)
+        probs = predict(model, data.store(cpu), val_rows, eval_normalize(cfg, cpu), 64, amp=False)["joint"]
+        if name == "best.pt" or checkpoint["state"]["best_epoch"] == checkpoint["state"]["epoch"] - 1:
+            np.testing.assert_allclose(probs, saved, atol=1e-6, err_msg=name)
 
 
 def test_pretrained_file_loads_a_timm_weights_file_without_network(tmp_path, monkeypatch):
@@ -388,19 +402,42 @@ def test_a_training_job_never_validates_on_a_person_it_trained_on(tmp_path, tiny
         assert len(train_rows) + len(val_rows) == len(people)
 
 
+VARIANT = [*FAST, "train.epochs=2", "train.max_batches=2"]
+
+
+def variant_losses(tmp, data, *overrides) -> tuple[dict, list[dict]]:
+    """Train fold 0 with the overrides; the config and each epoch's mean training losses."""
+    cfg = make_config(tmp, data, *VARIANT, *overrides)
+    folds.run(cfg)
+    assert train.run(cfg)[0]["epochs_run"] == 2
+    records = [json.loads(line) for line in (job_folder(tmp) / "metrics.jsonl").read_text().splitlines()]
+    return cfg, [{k: v for k, v in r.items() if k.startswith("loss_")} for r in records]
+
+
+@pytest.fixture(scope="module")
+def default_losses(tmp_path_factory, tiny_data):
+    return variant_losses(tmp_path_factory.mktemp("default"), tiny_data)[1]
+
+
 @pytest.mark.parametrize("variant", [
     ["model.head=single", "train.loss=f1", "train.class_weights=true"],
     ["train.schedule=plateau", "train.optimizer=adamw", "train.lr=0.001", "train.loss=focal"],
     ["train.schedule=step", "train.cutmix_p=1.0", "train.weighted_sampler=false", "train.loss=smooth"],
 ])
-def test_every_head_loss_schedule_and_cutmix_option_trains(tmp_path, tiny_data, variant):
-    cfg = make_config(tmp_path, tiny_data, *FAST, "train.epochs=2", "train.max_batches=2", *variant)
-    folds.run(cfg)
-    summary = train.run(cfg)[0]
-    assert summary["epochs_run"] == 2
+def test_every_head_loss_schedule_and_cutmix_option_trains(tmp_path, tiny_data, default_losses, variant):
+    """Each variant trains: the losses of its head kind are finite, they differ from the default's (the options
+    reached the step), the weights moved from the job's starting ones, and its tables are probabilities."""
+    cfg, losses = variant_losses(tmp_path, tiny_data, *variant)
+    heads = ["loss_joint"] if "model.head=single" in variant else [f"loss_{h}" for h in labels.HEADS]
+    assert all(sorted(epoch) == sorted(heads) and np.isfinite(list(epoch.values())).all() for epoch in losses)
+    assert losses != default_losses
+    start = loop.build_job(cfg, "mobilenetv3_small_050", 0, load_train_data(cfg)).model.state_dict()
+    trained = torch.load(job_folder(tmp_path) / "last.pt", weights_only=True)["model"]
+    assert any(not torch.equal(start[name], trained[name]) for name in start if start[name].is_floating_point())
     probs = load_npz(job_folder(tmp_path) / "val_probs.npz")
-    np.testing.assert_allclose(probs["probs_joint"].sum(1), 1, rtol=1e-4)
-    np.testing.assert_allclose(probs["probs_mask"].sum(1), 1, rtol=1e-4)
+    for key in labels.TABLE_KEYS:
+        assert (probs[f"probs_{key}"] >= 0).all()
+        np.testing.assert_allclose(probs[f"probs_{key}"].sum(1), 1, rtol=1e-4)
 
 
 def test_a_scale_tta_view_on_a_fixed_size_backbone_is_refused_before_training(tmp_path, tiny_data):

@@ -1,6 +1,7 @@
 """Optuna tuning: real storages, pruning through the per-epoch callback, crashed workers, the dashboard."""
 import json
 import os
+import shlex
 import signal
 import socket
 import subprocess
@@ -40,6 +41,11 @@ def test_a_study_runs_its_trials_and_writes_a_loadable_best_config(tmp_path, tin
     header = [line for line in open(result["best_config"]) if line.startswith("# Use it:")][0]
     stage = header.split("./run.sh ", 1)[1].split()[0]
     assert stage in STAGE_NAMES  # the command it tells the user names a stage that exists
+    # and it runs: the printed command as it is, one short job (the overrides only shorten it)
+    command = shlex.split(header.removeprefix("# Use it: ").split("   (")[0])
+    subprocess.run([*command, f"output.dir={tmp_path / 'best'}", "train.folds=[0]", "train.epochs=1"],
+                   cwd=PROJECT_ROOT, check=True, stdout=subprocess.DEVNULL)
+    assert (tmp_path / "best" / "train" / "mobilenetv3_small_050" / "fold0" / "done.json").exists()
     for key, value in study.best_params.items():
         section, name = key.split(".")
         assert best[section][name] == value
@@ -53,12 +59,27 @@ def test_a_journal_file_storage_works_too(tmp_path, tiny_data):
     assert (tmp_path / "journal.log").stat().st_size > 0
 
 
-def test_the_per_epoch_callback_lets_the_pruner_stop_a_trial(tmp_path, tiny_data):
+def test_the_pruner_stops_a_trial_on_the_val_f1_each_epoch_reports(tmp_path, tiny_data):
+    """Three trials of the same values: unpruned, it reports each epoch's val F1 and returns the best; a pruner
+    whose bar is just above the first epoch's F1 stops it after that epoch; one just below lets it finish."""
     cfg = tune_config(tmp_path, tiny_data)
-    study = optuna.create_study(direction="maximize", pruner=optuna.pruners.ThresholdPruner(lower=2.0))
-    study.optimize(study_lib.objective_for(cfg, load_train_data(cfg)), n_trials=1)
-    assert study.trials[0].state == optuna.trial.TrialState.PRUNED
-    assert study.trials[0].intermediate_values  # it reported before it was stopped
+    objective = study_lib.objective_for(cfg, load_train_data(cfg))
+
+    def trial_under(pruner):
+        study = optuna.create_study(direction="maximize", pruner=pruner)
+        study.enqueue_trial({"train.lr": 0.05, "train.weight_decay": 0.001, "train.loss": "ce"})
+        study.optimize(objective, n_trials=1)
+        return study.trials[0]
+
+    free = trial_under(optuna.pruners.NopPruner())
+    reported = free.intermediate_values
+    assert free.state == optuna.trial.TrialState.COMPLETE and sorted(reported) == [0, 1]  # tune.epochs=2, one fold
+    assert free.value == max(reported.values())  # the fold's best epoch
+    stopped = trial_under(optuna.pruners.ThresholdPruner(lower=reported[0] + 1e-9))
+    assert stopped.state == optuna.trial.TrialState.PRUNED
+    assert stopped.intermediate_values == {0: reported[0]}  # stopped after the first epoch, on its real F1
+    kept = trial_under(optuna.pruners.ThresholdPruner(lower=min(reported.values()) - 1e-9))
+    assert kept.state == optuna.trial.TrialState.COMPLETE and kept.intermediate_values == reported
 
 
 def test_a_bad_search_space_entry_is_refused_when_the_config_loads(tmp_path, tiny_data):
