@@ -6,7 +6,9 @@ a collapse beside another CPU-bound process, because the spinning thread holds a
 needs. OMP_WAIT_POLICY=PASSIVE (sleep at once) degrades gracefully but is about twice as slow on a quiet
 machine. bench/busy.py measures both (numbers in bench/README.md, "A busy machine").
 
-So this module looks before torch loads. If other processes keep at least BUSY_CORES cores busy, it sets
+So this module looks the moment torch is first imported, before it loads (`install` puts a hook on
+Python's import system that runs once; a process that never imports torch, such as the summary, the
+dashboard or run.sh's stage list, never looks). If other processes keep at least BUSY_CORES cores busy, it sets
 OMP_WAIT_POLICY=PASSIVE; otherwise it leaves libgomp's default. The wait policy changes no result (the
 same config and seed give the same metrics bit for bit under either, measured and tested), only speed,
 so the choice may depend on the moment. A policy or spin count the user put in the environment is theirs
@@ -18,6 +20,7 @@ no library chooses it from the load of the machine.
 """
 from __future__ import annotations
 
+import importlib.abc
 import os
 import sys
 import time
@@ -67,11 +70,27 @@ def decide(environ, busy_cores) -> str:
 
 
 def choose_wait_policy() -> str:
-    """Decide once per process tree, before torch loads (pipeline/__init__.py calls it)."""
+    """Decide once per process tree, before torch loads."""
     if "torch" in sys.modules:
         return "torch already loaded"
     choice = decide(os.environ, others_busy_cores)
     if choice == "passive":
-        print(f"[maskfold] other processes keep {os.environ[CHOICE].split('(')[1].split()[0]} cores busy: torch's "
-              f"threads sleep when idle (OMP_WAIT_POLICY=PASSIVE; same results, fairer speed)", file=sys.stderr)
+        print(f"[maskfold] torch's threads sleep when idle (OMP_WAIT_POLICY=PASSIVE; same results, fairer speed): "
+              f"{os.environ[CHOICE]}", file=sys.stderr)
     return choice
+
+
+class _BeforeTorch(importlib.abc.MetaPathFinder):
+    """Chooses the wait policy when `import torch` starts, then leaves the import to the usual finders."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch":
+            sys.meta_path.remove(self)
+            choose_wait_policy()
+        return None
+
+
+def install() -> None:
+    """Choose the wait policy when torch is first imported (pipeline/__init__.py calls this)."""
+    if "torch" not in sys.modules and not any(isinstance(f, _BeforeTorch) for f in sys.meta_path):
+        sys.meta_path.insert(0, _BeforeTorch())

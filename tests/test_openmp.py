@@ -9,7 +9,7 @@ import sys
 from pipeline import openmp
 from pipeline.io import PROJECT_ROOT
 
-PROBE = "import os, pipeline; print(os.environ.get('OMP_WAIT_POLICY'), '|', os.environ.get('MASKFOLD_OMP_WAIT'))"
+PROBE = "import os, pipeline, torch; print(os.environ.get('OMP_WAIT_POLICY'), '|', os.environ.get('MASKFOLD_OMP_WAIT'))"
 
 
 def _clean_env(**extra) -> dict:
@@ -42,6 +42,12 @@ def test_the_users_setting_and_a_parents_choice_are_kept_without_looking():
         assert openmp.decide(env, look) == "user" and env == {key: value}
     env = {openmp.CHOICE: "default (0.0 cores busy elsewhere)"}
     assert openmp.decide(env, look) == "inherited"
+
+
+def test_a_process_that_never_imports_torch_never_looks():
+    out = subprocess.run([sys.executable, "-c", "import os, pipeline.config; print(os.environ.get('MASKFOLD_OMP_WAIT'))"],
+                         cwd=PROJECT_ROOT, env=_clean_env(), capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "None"
 
 
 def test_importing_pipeline_beside_a_busy_process_sets_passive_before_torch_loads():
