@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # The GPU checks, in steps that each end well inside one 10-minute device call (bench/README.md, GPU):
 #   bash bench/gpu.sh smoke [key=value ...]          300 generated people, efficientnet_b0, fold 0, 2 epochs at
-#                                                    256x192 (h x w): kornia engine, bf16, channels_last, EMA; then
+#                                                    256x192 (h x w): kornia engine, channels_last, EMA, in bf16 and
+#                                                    in fp16 (SMOKE_PRECISIONS: the list); then
 #                                                    infer with TTA. Fails on a NaN, a batch not channels_last after
 #                                                    augmentation, or any error (Kornia on CUDA generators)
 #   bash bench/gpu.sh bench [key=value ...]          bench/throughput.py's table for configs/gpu-fast.yaml's backbones
-#                                                    (efficientnet_b0 among them: 256x192, batch 128) and base.yaml's,
-#                                                    on the full-scale generated data
+#                                                    (efficientnet_b0 among them: 256x192, batch 128), with the kornia
+#                                                    and the albumentations engine, and base.yaml's, on the
+#                                                    full-scale generated data
 #   bash bench/gpu.sh fast [FOLDS] [key=value ...]   configs/gpu-fast.yaml on the full-scale generated data. FOLDS (0,
 #                                                    or 0,1): train only those (train.folds=[...]) and stop; without:
 #                                                    every stage, skipping what an earlier call finished (a killed job
@@ -60,25 +62,34 @@ where=("data.cache_dir=$WORK/cache" "folds.dir=$WORK/folds" "tune.storage=sqlite
        data.num_workers=16 model.pretrained=false)
 case "$step" in
 smoke)
-  rm -rf "$WORK/runs/smoke"  # a smoke always trains: nothing skipped as done
+  rm -rf "$WORK"/runs/smoke*  # a smoke always trains: nothing skipped as done
   args=(-c configs/gpu-fast.yaml "${where[@]}" synth.people=300 synth.eval_people=100 "data.root=$WORK/data-smoke"
-        "synth.out=$WORK/data-smoke" "data.label_fixes=$WORK/data-smoke/label_fixes.csv" "output.dir=$WORK/runs/smoke"
+        "synth.out=$WORK/data-smoke" "data.label_fixes=$WORK/data-smoke/label_fixes.csv"
         "model.backbones=[efficientnet_b0]" "train.folds=[0]" train.epochs=2 "data.image_size=[192,256]"
-        augment.engine=kornia train.amp=true train.channels_last=true train.ema_decay=0.998 "infer.tta=[none,hflip]"
-        "$@")
-  for stage in synth folds train infer; do run "$stage" "$PY" -m "pipeline.stages.$stage" "${args[@]}"; done
-  # every probability the run wrote is finite (training stops itself on a NaN loss or validation table)
+        augment.engine=kornia train.channels_last=true train.ema_decay=0.998 "infer.tta=[none,hflip]")
+  for stage in synth folds; do run "$stage" "$PY" -m "pipeline.stages.$stage" "${args[@]}" "$@"; done
+  # each precision a team's GPU may get: bf16 (A100, H100) and fp16 with the gradient scaler (V100, T4, P100)
+  for precision in ${SMOKE_PRECISIONS:-bf16 fp16}; do
+    for stage in train infer; do
+      run "$stage $precision" "$PY" -m "pipeline.stages.$stage" "${args[@]}" "output.dir=$WORK/runs/smoke-$precision" \
+        "train.precision=$precision" "$@"
+    done
+  done
+  # every probability the runs wrote is finite (training stops itself on a NaN loss or validation table)
   run probabilities "$PY" -c 'import glob, sys, numpy as np
 files = sorted(glob.glob(sys.argv[1] + "/**/*.npz", recursive=True))
 bad = [f"{f}:{k}" for f in files for k, v in np.load(f).items() if v.dtype.kind == "f" and not np.isfinite(v).all()]
 assert files and not bad, f"not finite: {bad}" if bad else "no probability tables"
-print(f"{len(files)} tables, every value finite")' "$WORK/runs/smoke"
+print(f"{len(files)} tables, every value finite")' "$WORK/runs"
   ;;
 bench)
-  for cfg in gpu-fast base; do
-    run "throughput $cfg" "$PY" bench/throughput.py -c "configs/$cfg.yaml" --work "$WORK" ${OUT:+--out "$OUT/throughput_$cfg.json"} \
-      "${where[@]}" "$@"
-    sed -n '/^| backbone/,$p' "$LOGS/bench-throughput $cfg.log" | tee -a "$TABLE"
+  # gpu-fast with each augmentation engine (kornia, auto's CUDA choice, against albumentations in 16 DataLoader
+  # workers), then base
+  for spec in gpu-fast gpu-fast:albumentations base; do
+    cfg=${spec%%:*} name=${spec/:/-} engine=(); [ "$cfg" != "$spec" ] && engine=("augment.engine=${spec#*:}")
+    run "throughput $name" "$PY" bench/throughput.py -c "configs/$cfg.yaml" --work "$WORK" \
+      ${OUT:+--out "$OUT/throughput_$name.json"} "${where[@]}" "${engine[@]}" "$@"
+    sed -n '/^| backbone/,$p' "$LOGS/bench-throughput $name.log" | tee -a "$TABLE"
   done
   ;;
 fast)

@@ -42,6 +42,7 @@ from pipeline.train import checkpoint, loop  # noqa: E402
 from pipeline.train.backends import job_device  # noqa: E402
 from pipeline.train.model import build_model, prepare_model  # noqa: E402
 from pipeline.train.predict import _forward_views, eval_normalize, predict  # noqa: E402
+from pipeline.train.precision import resolve as resolve_precision  # noqa: E402
 from pipeline.train.views import tta_views  # noqa: E402
 
 
@@ -84,7 +85,8 @@ def infer_ceiling(cfg: dict, backbone: str, device: torch.device, tta, warmup: i
     model = prepare_model(cfg, build_model(cfg, backbone, for_inference=True), device).eval()
     views = tta_views(torch.randn(batch, 3, height, width, device=device), tta)
     channels_last = device.type == "cuda" and cfg["train"]["channels_last"]
-    return timed_rate(lambda: _forward_views(model, views, cfg["train"]["amp"], channels_last), batch, warmup, steps,
+    precision = resolve_precision(cfg["train"]["precision"], device)
+    return timed_rate(lambda: _forward_views(model, views, precision, channels_last), batch, warmup, steps,
                       device)
 
 
@@ -96,13 +98,14 @@ def stage_rates(cfg: dict, job, warmup: int, steps: int) -> dict:
     record = loop.train_one_epoch(timed, job, 1)
     normalize = eval_normalize(cfg, job.device)
     rows = job.val_rows
-    predict(job.model, job.store, rows[:cfg["infer"]["batch_size"]], normalize, cfg["infer"]["batch_size"],
-            amp=cfg["train"]["amp"])  # warm-up
     rates = {}
     for name, tta in (("validate", ("none",)), ("infer", tuple(cfg["infer"]["tta"]))):
+        # warm-up: each TTA set is its own forward shape (views share the batch), tuned once, as a job's first epoch does
+        predict(job.model, job.store, rows[:cfg["infer"]["batch_size"]], normalize, cfg["infer"]["batch_size"], tta,
+                job.precision)
         sync(job.device)
         started = time.perf_counter()
-        predict(job.model, job.store, rows, normalize, cfg["infer"]["batch_size"], tta, cfg["train"]["amp"])
+        predict(job.model, job.store, rows, normalize, cfg["infer"]["batch_size"], tta, job.precision)
         sync(job.device)
         rates[name] = len(rows) / (time.perf_counter() - started)
     return {"train": record["images_per_s"], "data_wait": record["data_wait"], **rates}
@@ -149,8 +152,8 @@ def main() -> None:
     data = load_train_data(cfg)
     width, height = cfg["data"]["image_size"]
     name = torch.cuda.get_device_name(device) if cuda else f"CPU ({torch.get_num_threads()} threads)"
-    print(f"\n{name}; {len(data.table)} training images at {width}x{height} (w x h); amp "
-          f"{cfg['train']['amp'] and cuda}; channels_last {cfg['train']['channels_last'] and cuda}; "
+    print(f"\n{name}; {len(data.table)} training images at {width}x{height} (w x h); precision "
+          f"{resolve_precision(cfg['train']['precision'], device)}; channels_last {cfg['train']['channels_last'] and cuda}; "
           f"engine {loop.augment_engine(cfg, device)}; TTA {cfg['infer']['tta']}")
     rows = []
     for backbone in cfg["model"]["backbones"]:
@@ -181,7 +184,9 @@ def main() -> None:
               f"| {r['infer_ratio']:.2f} | {r['last_pt_mb']:,.0f}, {r['last_pt_s']:.2f} | {r['epoch_s']:.1f} |")
     if args.out:
         Path(args.out).write_text(json.dumps({"device": name, "config": args.config, "overrides": args.overrides,
-                                              "people": people, "steps": steps, "rows": rows}, indent=1))
+                                              "people": people, "steps": steps,
+                                              "precision": resolve_precision(cfg["train"]["precision"], device),
+                                              "engine": loop.augment_engine(cfg, device), "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":

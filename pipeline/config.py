@@ -71,7 +71,17 @@ def _flat_keys(tree: dict, prefix: str = "") -> list[str]:
     return keys
 
 
+# keys that were renamed or replaced: what an old config reads instead of "unknown key"
+RETIRED = {
+    "train.amp": "train.amp was replaced by train.precision (auto | bf16 | fp16 | fp32): for amp: true write "
+                 "precision: auto (bf16 where the GPU has it, else fp16 with a gradient scaler); for amp: false write "
+                 "precision: fp32",
+}
+
+
 def _unknown_key_error(key: str, schema: dict, source: str) -> ConfigError:
+    if key in RETIRED:
+        return ConfigError(f"{source}: {RETIRED[key]}")
     valid = _flat_keys(schema)
     close = difflib.get_close_matches(key, valid, n=1, cutoff=0.0)
     hint = f"; did you mean '{close[0]}'?" if close else ""

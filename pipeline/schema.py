@@ -23,7 +23,7 @@ from pydantic_core import PydanticCustomError
 # the modules that implement these own their lists; they import no torch
 from pipeline.data.crop import MODES as CROP_MODES, PERSON_BOX  # noqa: E402
 from pipeline.labels import HEAD_KINDS, HEADS  # noqa: E402
-from pipeline.train import engines, views  # noqa: E402
+from pipeline.train import engines, precision, views  # noqa: E402
 from pipeline.train.losses import LOSSES  # noqa: E402
 
 HeadName = Literal[tuple(HEADS)]
@@ -243,7 +243,8 @@ class TrainSection(_Section):
     cutmix_p: _float(ge=0, le=1)
     seed: Seed
     device: _one_of("auto", "cpu", "cuda")
-    amp: Bool
+    precision: _one_of(*precision.PRECISIONS)
+    clip_grad: _described(_float(ge=0), "0 (off) or the largest gradient norm, a number > 0 (e.g. 1.0)")
     channels_last: Bool
     cudnn_benchmark: Bool
     tf32: Bool

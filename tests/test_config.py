@@ -93,6 +93,8 @@ def test_a_bad_value_is_refused_at_load_naming_key_value_and_what_is_allowed(ove
     ("tune.folds=[0, 5]", "tune.folds = [0, 5]: must list folds in 0..4"),
     ("augment.train=[{p: 1}]", "augment.train[0] = {'p': 1}: must be null or a list of albumentations transforms"),
     ("augment.std=[0.2, 0.2, 0]", "augment.std = [0.2, 0.2, 0]: must be 3 numbers > 0"),
+    ("train.precision=fp8", "train.precision = 'fp8': must be one of auto, bf16, fp16, fp32"),
+    ("train.clip_grad=-1", "train.clip_grad = -1: must be 0 (off) or the largest gradient norm"),
 ])
 def test_other_rules_refuse_a_bad_value_naming_the_key(override, line):
     with pytest.raises(ConfigError) as caught:
@@ -105,11 +107,21 @@ def test_other_rules_refuse_a_bad_value_naming_the_key(override, line):
     "tune.storage=postgresql://user:pw@host/db", "tune.backbone=regnetx_002", "model.head_weights={age: 2}",
     "train.schedule=plateau", "ensemble.weight_step=0.25", "augment.train=null", "train.warmup_epochs=0.5",
     "log.wandb=off", "log.wandb=offline", "train.layer_decay=0.8", "train.ema_decay=0.9998",
+    "train.precision=fp16", "train.precision=bf16", "train.clip_grad=1.0",
 ])
 def test_good_values_still_load(override):
     key, text = override.split("=", 1)
     section, name = key.split(".")
     assert load_config("configs/demo.yaml", [override])[section][name] == yaml.safe_load(text)  # loaded as given
+
+
+@pytest.mark.parametrize("how", ["override", "file"])
+def test_an_old_config_with_train_amp_is_told_what_to_write_instead(tmp_path, how):
+    old = tmp_path / "old.yaml"
+    old.write_text("train:\n  amp: true\n")
+    with pytest.raises(ConfigError, match=r"train\.amp was replaced by train\.precision.*amp: true write precision: "
+                                          r"auto.*amp: false write precision: fp32"):
+        load_config(old) if how == "file" else load_config("configs/demo.yaml", ["train.amp=false"])
 
 
 SHIPPED_CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
@@ -120,7 +132,7 @@ def test_every_shipped_config_loads(path):
     assert load_config(path)["name"] == path.stem
 
 
-@pytest.mark.parametrize("override", ["train.epochs=2.0", "train.epochs='3'", "train.amp=1", "model.pretrained=0"])
+@pytest.mark.parametrize("override", ["train.epochs=2.0", "train.epochs='3'", "train.cudnn_benchmark=1", "model.pretrained=0"])
 def test_types_are_strict_no_silent_conversion(override):
     with pytest.raises(ConfigError, match=override.split("=")[0].replace(".", r"\.") + " = "):
         load_config("configs/demo.yaml", [override])

@@ -183,7 +183,7 @@ def test_the_graph_votes_as_the_ensemble_stage_with_unequal_weights(mode):
     with torch.no_grad():
         got = graph(torch.from_numpy(crops)).numpy()
     normalize = eval_normalize(cfg, torch.device("cpu"))
-    tables = [torch_predict(m, crops, np.arange(6), normalize, 8, ["none", "hflip"], amp=False) for m in models]
+    tables = [torch_predict(m, crops, np.arange(6), normalize, 8, ["none", "hflip"]) for m in models]
     expected = combine(tables, [0.7, 0.3], mode)
     for key, (a, b) in {"mask": (0, 3), "gender": (3, 5), "age": (5, 8), "joint": (8, 26)}.items():
         np.testing.assert_allclose(got[:, a:b], expected[key], atol=1e-5)

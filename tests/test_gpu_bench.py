@@ -22,7 +22,9 @@ from pipeline.io import PROJECT_ROOT
 from pipeline.stages import folds
 from pipeline.train import backends, checkpoint, loop
 from pipeline.train.augment import Normalize, gpu_augmenter, train_transform
+from pipeline.train import predict as predict_module
 from pipeline.train.batches import eval_batches
+from pipeline.train.predict import eval_normalize, predict
 from tests.conftest import make_config
 from tests.test_train import FAST
 
@@ -108,6 +110,27 @@ def test_evaluation_batches_copy_no_rows_to_the_device_per_batch():
         assert len(batches) == rows // 4 and batches[0][1].device.type == "meta"
         counts.append(transfers.count)
     assert counts == [1, 1]  # the row indices, once
+
+
+def test_padded_evaluation_batches_have_one_shape_and_the_tables_stay_the_same(tmp_path, tiny_data, monkeypatch):
+    """On CUDA the last batch is padded (cuDNN's autotuner then tunes one shape, not one per tail batch: seconds each
+    on the H200); the padding's outputs are dropped, so the tables are the unpadded ones."""
+    store = torch.arange(10, dtype=torch.uint8).reshape(10, 1, 1, 1).expand(10, 2, 2, 3).contiguous()
+    padded = list(eval_batches(store, np.arange(10), CPU, 4, pad=True))
+    assert [start for start, _ in padded] == [0, 4, 8] and all(len(images) == 4 for _, images in padded)
+    assert padded[-1][1][:, 0, 0, 0].tolist() == [8, 9, 9, 9]
+    cfg, job = _job(tmp_path, tiny_data)
+    rows = job.val_rows[:7]
+    plain = predict(job.model, job.store, rows, eval_normalize(cfg, CPU), 4, ("none", "hflip"))
+    monkeypatch.setattr(predict_module, "pads_batches", lambda device: True)
+    shapes = []
+    hook = job.model.register_forward_pre_hook(lambda module, args: shapes.append(tuple(args[0].shape)))
+    with_padding = predict(job.model, job.store, rows, eval_normalize(cfg, CPU), 4, ("none", "hflip"))
+    hook.remove()
+    assert len(set(shapes)) == 1 and shapes[0][0] == 8  # two views of 4 images, the tail batch too
+    for key, table in plain.items():
+        assert table.shape == with_padding[key].shape == (7, table.shape[1])
+        np.testing.assert_allclose(with_padding[key], table, atol=1e-6)
 
 
 def _job(tmp_path, tiny_data, *overrides):
@@ -250,8 +273,12 @@ def test_the_gpu_smoke_step_runs_on_cpu_and_writes_its_table(tmp_path):
         cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr[-3000:]
     table = (tmp_path / "out" / "smoke.md").read_text()
-    for row in ("| synth |", "| folds |", "| train |", "| infer |", "| probabilities |"):
+    for row in ("| synth |", "| folds |", "| train bf16 |", "| infer bf16 |", "| train fp16 |", "| infer fp16 |",
+                "| probabilities |"):
         assert row in table, table
     assert "every value finite" in table
-    trained = json.loads(next((tmp_path / "work" / "runs" / "smoke" / "train").rglob("done.json")).read_text())
-    assert trained["epochs_run"] == 2 and trained["identity"]["config"]["augment"]["engine"] == "kornia"
+    for precision in ("bf16", "fp16"):
+        trained = json.loads(next((tmp_path / "work" / "runs" / f"smoke-{precision}" / "train").rglob("done.json"))
+                             .read_text())
+        assert trained["epochs_run"] == 2 and trained["identity"]["config"]["augment"]["engine"] == "kornia"
+        assert trained["precision"] == precision

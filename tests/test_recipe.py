@@ -192,7 +192,7 @@ def test_validation_best_pt_and_inference_use_the_ema_weights(tmp_path, tiny_dat
     model.load_state_dict(best["model"])
     _, val_rows = data.split(0)
     probs = predict(model, data.store(torch.device("cpu")), val_rows, eval_normalize(cfg, torch.device("cpu")),
-                    cfg["infer"]["batch_size"], amp=False)
+                    cfg["infer"]["batch_size"])
     np.testing.assert_allclose(probs["joint"], load_npz(job_folder(tmp_path) / "val_probs.npz")["probs_joint"],
                                atol=1e-6)
 

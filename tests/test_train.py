@@ -164,7 +164,7 @@ def test_checkpoints_load_with_weights_only(tmp_path, tiny_data):
         checkpoint = torch.load(job_folder(tmp_path) / name, weights_only=True)
         model = MaskNet("mobilenetv3_small_050")
         model.load_state_dict(checkpoint["model"], strict=True)
-        probs = predict(model, data.store(cpu), val_rows, eval_normalize(cfg, cpu), 64, amp=False)["joint"]
+        probs = predict(model, data.store(cpu), val_rows, eval_normalize(cfg, cpu), 64)["joint"]
         if name == "best.pt" or checkpoint["state"]["best_epoch"] == checkpoint["state"]["epoch"] - 1:
             np.testing.assert_allclose(probs, saved, atol=1e-6, err_msg=name)
 

@@ -40,14 +40,18 @@ def take(store, rows, device: torch.device) -> torch.Tensor:
     return batch.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else batch
 
 
-def eval_batches(store, rows, device: torch.device, batch_size: int):
+def eval_batches(store, rows, device: torch.device, batch_size: int, pad: bool = False):
     """(start, uint8 batch) over `rows` in order; the next batch's copy is queued before this one is used. The rows
     go to the cache's device once, here: a cache resident on the GPU is cut with no host-to-device copy per batch
-    (a blocking one, from pageable memory)."""
+    (a blocking one, from pageable memory). `pad`: the last batch is filled up to `batch_size` with copies of its
+    last row (the caller drops their outputs), so every forward has one shape."""
     on_store = store.device if isinstance(store, torch.Tensor) else "cpu"
     rows, pending = torch.as_tensor(np.asarray(rows), device=on_store), None
     for start in range(0, len(rows), batch_size):
-        batch = (start, take(store, rows[start:start + batch_size], device))
+        chosen = rows[start:start + batch_size]
+        if pad and 0 < len(chosen) < batch_size:
+            chosen = torch.cat([chosen, chosen[-1:].expand(batch_size - len(chosen))])
+        batch = (start, take(store, chosen, device))
         if pending is not None:
             yield pending
         pending = batch

@@ -19,6 +19,7 @@ def save_last(artifact: Artifact, job, state: dict) -> None:
     atomic_torch_save(artifact.path(LAST), {
         "model": job.model.state_dict(), "ema": job.ema.state_dict() if job.ema is not None else None,
         "optimizer": job.optimizer.state_dict(), "schedule": job.schedule.state_dict(), "state": state,
+        "scaler": job.scaler.state_dict() if job.scaler is not None else None,  # fp16's loss scale
         "torch_rng": torch.get_rng_state(), "job_key": artifact.key})
 
 
@@ -35,5 +36,7 @@ def resume(artifact: Artifact, job) -> dict | None:
         job.ema.load_state_dict(checkpoint["ema"])
     job.optimizer.load_state_dict(checkpoint["optimizer"])
     job.schedule.load_state_dict(checkpoint["schedule"])
+    if job.scaler is not None and checkpoint.get("scaler"):
+        job.scaler.load_state_dict(checkpoint["scaler"])
     torch.set_rng_state(checkpoint["torch_rng"])
     return checkpoint["state"]

@@ -41,7 +41,8 @@ from pipeline.train.augment import Normalize, gpu_augmenter, train_transform
 from pipeline.train.augment import engine as augment_engine
 from pipeline.train.batches import DeviceBatches, ImageDataset, LoaderBatches, same_label_cutmix, sampler_weights
 from pipeline.train.losses import class_weights, loss_fn, soft_loss
-from pipeline.train.model import autocast, build_model, prepare_model
+from pipeline.train.model import build_model, prepare_model
+from pipeline.train.precision import autocast, grad_scaler, resolve as resolve_precision
 from pipeline.train.predict import eval_normalize, predict
 from pipeline.train.schedule import Schedule, make_optimizer
 from pipeline.train.tracking import RunLog
@@ -89,6 +90,8 @@ class Job:
     val_table: object
     steps_per_epoch: int
     heads: tuple = tuple(labels.HEADS)       # the heads this backbone predicts (model.tasks)
+    precision: str = "fp32"                  # resolved train.precision: bf16, fp16 or fp32 (pipeline.train.precision)
+    scaler: object = None                    # torch's GradScaler under fp16, else None
 
     @property
     def eval_model(self) -> torch.nn.Module:
@@ -137,8 +140,10 @@ def build_job(cfg: dict, backbone: str, fold: int, data: TrainData) -> Job:
         batches = LoaderBatches(dataset, t["batch_size"], workers, device, weights)
         prepare = Normalize(cfg, device, None, channels_last)
     steps = min(len(batches), t["max_batches"] or len(batches))
+    precision = resolve_precision(t["precision"], device)
     return Job(backbone, fold, seed, device, model, ema, optimizer, Schedule(cfg, optimizer, steps), criteria,
-               batches, prepare, store, val_rows, data.table.iloc[val_rows], steps, model.heads)
+               batches, prepare, store, val_rows, data.table.iloc[val_rows], steps, model.heads, precision,
+               grad_scaler(device, precision))
 
 
 def _criteria(cfg: dict, data: TrainData, train_rows: np.ndarray, model_heads: tuple) -> dict:
@@ -165,19 +170,36 @@ def set_frozen(job: Job, frozen: bool) -> None:
         parameter.requires_grad_(not frozen)
 
 
-def _step(cfg: dict, job: Job, images: torch.Tensor, targets: dict, step: int) -> dict:
-    """Optimizer step number `step` of the job; returns the per-head losses as device tensors (never read here)."""
+def _step(cfg: dict, job: Job, images: torch.Tensor, targets: dict, step: int) -> tuple[dict, torch.Tensor | None]:
+    """Optimizer step number `step` of the job: (the per-head losses, whether the step was taken), device tensors
+    never read here. `taken` is None where every step is taken (bf16, fp32); under fp16 it is False for a step
+    whose gradients were not finite, which GradScaler skips (the weights stay as they were) and the loop counts.
+    train.clip_grad clips the true gradients' norm (unscaled first under fp16)."""
     job.schedule.set(step)
-    with autocast(job.device, cfg["train"]["amp"]):
+    with autocast(job.device, job.precision):
         outputs = labels.split_logits(job.model(images), cfg["model"]["head"], job.heads)
     losses = {head: criterion(outputs[head], targets[key]) for head, (key, criterion) in job.criteria.items()}
     loss = sum(cfg["model"]["head_weights"].get(head, 1.0) * value for head, value in losses.items())
     job.optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    job.optimizer.step()
+    clip, taken = cfg["train"]["clip_grad"], None
+    if job.scaler is None:
+        loss.backward()
+        if clip:
+            torch.nn.utils.clip_grad_norm_(job.model.parameters(), clip)
+        job.optimizer.step()
+    else:
+        job.scaler.scale(loss).backward()
+        job.scaler.unscale_(job.optimizer)
+        trained = [p for p in job.model.parameters() if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm([p.grad for p in trained])  # on the device: no sync
+        if clip:
+            torch.nn.utils.clip_grads_with_norm_(trained, clip, norm)  # takes the parameters, reads their .grad
+        taken = torch.isfinite(norm)  # what GradScaler's own check finds: one non-finite gradient makes the norm so
+        job.scaler.step(job.optimizer)
+        job.scaler.update()
     if job.ema is not None:
         job.ema.update(job.model, step=step)
-    return losses
+    return losses, taken
 
 
 class InputClock:
@@ -222,15 +244,17 @@ def _refuse_divergence(job: Job, epoch: int, values: dict, what: str) -> None:
     bad = ", ".join(f"{name} {value}" for name, value in values.items() if not math.isfinite(value))
     if bad:
         raise FloatingPointError(f"{job.backbone} fold {job.fold} epoch {epoch}: {what} not finite ({bad}): the "
-                                 f"training diverged (a lower train.lr, or train.amp: false, may help)")
+                                 f"training diverged (a lower train.lr, train.clip_grad, or train.precision: fp32, "
+                                 f"may help)")
 
 
 def train_one_epoch(cfg: dict, job: Job, epoch: int) -> dict:
     """One pass over the epoch's draws: mean loss per head, images per second and the share of the epoch the
-    steps spent on their input (data_wait, see InputClock). Loss sums stay on the device; the host reads them,
-    and so waits for the GPU to catch up, only every PROGRESS_EVERY steps (the progress bar) and at the end.
-    The loader can still make the GPU wait for input: data_wait says how much. A mean loss that is not finite
-    stops the job."""
+    steps spent on their input (data_wait, see InputClock), and the steps fp16 skipped (skipped_steps: gradients not
+    finite; their losses stay out of the means). Loss sums stay on the device; the host reads them, and so waits
+    for the GPU to catch up, only every PROGRESS_EVERY steps (the progress bar) and at the end. The loader can
+    still make the GPU wait for input: data_wait says how much. A mean loss that is not finite, or an epoch whose
+    every step was skipped, stops the job."""
     t = cfg["train"]
     epoch_seed = job.seed * 1000 + epoch
     _reseed(epoch_seed)  # dropout and the kornia engine's parameters draw from torch's global generators
@@ -243,6 +267,7 @@ def train_one_epoch(cfg: dict, job: Job, epoch: int) -> dict:
         job.model.backbone.eval()  # BatchNorm running statistics stay the pretrained ones
     batches = min(len(job.batches), t["max_batches"] or len(job.batches))
     loss_sum = {head: torch.zeros((), device=job.device) for head in job.criteria}
+    counted, skipped = torch.zeros((), device=job.device), torch.zeros((), dtype=torch.long, device=job.device)
     started, seen = time.perf_counter(), 0
     clock = InputClock(job.device)
     bar = tqdm(total=batches, desc=f"{job.backbone} f{job.fold} e{epoch}", leave=False)
@@ -254,25 +279,34 @@ def train_one_epoch(cfg: dict, job: Job, epoch: int) -> dict:
             images = same_label_cutmix(images, targets["group"], mix)
         _refuse_layout(job, images, epoch)
         clock.mark()
-        losses = _step(cfg, job, images, targets, epoch * job.steps_per_epoch + step)
+        losses, taken = _step(cfg, job, images, targets, epoch * job.steps_per_epoch + step)
         clock.mark()
         seen += len(images)
         for head, value in losses.items():
-            loss_sum[head] += value.detach() * len(images)
+            value = value.detach() if taken is None else torch.where(taken, value.detach(), 0.0)
+            loss_sum[head] += value * len(images)
+        counted += len(images) if taken is None else taken * len(images)
+        if taken is not None:
+            skipped += ~taken
         bar.update()
         if step % PROGRESS_EVERY == 0:
-            bar.set_postfix(loss=f"{sum(float(v) for v in loss_sum.values()) / seen:.3f}")
+            bar.set_postfix(loss=f"{sum(float(v) for v in loss_sum.values()) / max(float(counted), 1):.3f}")
     bar.close()
-    means = {f"loss_{head}": float(total) / max(seen, 1) for head, total in loss_sum.items()}  # the epoch's sync
+    images_counted, skipped = float(counted), int(skipped)  # the epoch's sync
     elapsed = max(time.perf_counter() - started, 1e-9)
+    if skipped and skipped >= batches:
+        raise FloatingPointError(f"{job.backbone} fold {job.fold} epoch {epoch}: every one of its {batches} steps was "
+                                 f"skipped under fp16 (gradients not finite): the training diverged (a lower train.lr, "
+                                 f"train.clip_grad, or train.precision: fp32, may help)")
+    means = {f"loss_{head}": float(total) / max(images_counted, 1) for head, total in loss_sum.items()}
     _refuse_divergence(job, epoch, means, "mean training loss")
-    return {"images_per_s": seen / elapsed, "data_wait": clock.input_share(), **means}
+    return {"images_per_s": seen / elapsed, "data_wait": clock.input_share(), "skipped_steps": skipped, **means}
 
 
 def validate(cfg: dict, job: Job) -> tuple[dict, dict]:
     """Validation probabilities (no augmentation) and their scores against the official labels."""
     probs = predict(job.eval_model, job.store, job.val_rows, eval_normalize(cfg, job.device), cfg["infer"]["batch_size"],
-                    amp=cfg["train"]["amp"], desc="validate")
+                    precision=job.precision, desc="validate")
     return probs, score_probs(probs, job.val_table["label"].to_numpy())
 
 
@@ -281,7 +315,12 @@ def _log_epoch(artifact: Artifact, run_log: RunLog, state: LoopState, record: di
     run_log.log(record)
     heads = " ".join(f"{h} {record[f'val_f1_{h}']:.3f}" for h in labels.HEADS if f"val_f1_{h}" in record)
     print(f"[train] {job.backbone} fold {job.fold} epoch {record['epoch']}: val F1 {record['val_f1']:.4f} "
-          f"({heads}) {record['images_per_s']:.0f} img/s{'  *best' if improved else ''}")
+          f"({heads}) {record['images_per_s']:.0f} img/s{_skipped_text(record, job)}{'  *best' if improved else ''}")
+
+
+def _skipped_text(record: dict, job: Job) -> str:
+    skipped = record.get("skipped_steps", 0)
+    return f", {skipped} of {job.steps_per_epoch} steps skipped (fp16: gradients not finite)" if skipped else ""
 
 
 def _start(artifact: Artifact, force: bool) -> dict | None:
@@ -331,7 +370,7 @@ def _train(cfg: dict, artifact: Artifact, backbone: str, fold: int, data: TrainD
                 epoch_callback(record["epoch"], record)
     return artifact.seal(backbone=backbone, fold=fold, best_epoch=state.best_epoch, best_f1=state.best_f1,
                          epochs_run=state.epoch, seed=job.seed, data_fingerprint=data.fingerprint,
-                         history=state.history)
+                         precision=job.precision, history=state.history)
 
 
 def _epoch(cfg: dict, job: Job, artifact: Artifact, state: LoopState) -> dict:

@@ -151,11 +151,6 @@ def prepare_model(cfg: dict, model: nn.Module, device: torch.device) -> nn.Modul
     return model
 
 
-def autocast(device: torch.device, enabled: bool):
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" and enabled else torch.autocast(
-        "cpu", enabled=False)
-
-
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -21,11 +21,12 @@ from pipeline.io import torch_load, write_provenance
 from pipeline.train import backends
 from pipeline.train.augment import Normalize
 from pipeline.train.batches import eval_batches
-from pipeline.train.model import MaskNet, autocast, build_model, prepare_model
+from pipeline.train.model import MaskNet, build_model, prepare_model
+from pipeline.train.precision import autocast, resolve as resolve_precision
 from pipeline.train.views import tta_views
 
 
-def _forward_views(model: MaskNet, views: list[torch.Tensor], amp: bool, channels_last: bool) -> dict:
+def _forward_views(model: MaskNet, views: list[torch.Tensor], precision: str, channels_last: bool) -> dict:
     """Sum over views of each table's probabilities; views of one shape share a forward batch."""
     by_shape: dict[tuple, list] = {}
     for view in views:
@@ -35,15 +36,19 @@ def _forward_views(model: MaskNet, views: list[torch.Tensor], amp: bool, channel
         batch = torch.cat(group) if len(group) > 1 else group[0]
         if channels_last:
             batch = batch.contiguous(memory_format=torch.channels_last)
-        with autocast(batch.device, amp):
+        with autocast(batch.device, precision):
             probs = labels.probabilities(model(batch), model.head_kind, model.heads)
         probs = {k: v.float().unflatten(0, (len(group), -1)).sum(0) for k, v in probs.items()}
         summed = probs if summed is None else {k: summed[k] + probs[k] for k in summed}
     return summed
 
 
+def pads_batches(device: torch.device) -> bool:
+    return device.type == "cuda"
+
+
 @torch.no_grad()
-def predict(model: MaskNet, store, rows, normalize: Normalize, batch_size: int, tta=("none",), amp: bool = True,
+def predict(model: MaskNet, store, rows, normalize: Normalize, batch_size: int, tta=("none",), precision: str = "fp32",
             desc: str = "predict") -> dict[str, np.ndarray]:
     """Mean softmax probabilities over TTA views of the images at `rows`, per head and joint
     (labels.TABLE_KEYS), float32, in row order. `store` is the uint8 cache (see dataset.resident)."""
@@ -51,14 +56,18 @@ def predict(model: MaskNet, store, rows, normalize: Normalize, batch_size: int, 
     device = normalize.device
     rows = np.asarray(rows)
     tables: dict[str, torch.Tensor] = {}
-    batches = eval_batches(store, rows, device, batch_size)
+    # on CUDA the last batch is padded to the full size: one input shape, so cuDNN's autotuner (train.cudnn_benchmark)
+    # tunes once rather than again for every tail batch. On the H200 (2026-12-04) a tail batch of efficientnet_b0
+    # cost 5 to 10 s of autotuning: the whole validation of a 600-person fold ran at 151 images/s
+    batches = eval_batches(store, rows, device, batch_size, pad=pads_batches(device))
     for start, images in tqdm(batches, total=math.ceil(len(rows) / batch_size), desc=desc, leave=False):
         views = tta_views(normalize(images), tta)
-        summed = _forward_views(model, views, amp, normalize.channels_last)
+        summed = _forward_views(model, views, precision, normalize.channels_last)
+        count = min(batch_size, len(rows) - start)
         for key, value in summed.items():
             if key not in tables:
                 tables[key] = torch.empty((len(rows), value.shape[1]), dtype=torch.float32, device=device)
-            tables[key][start:start + len(value)] = value / len(views)
+            tables[key][start:start + count] = value[:count] / len(views)
     if not tables:
         return {key: np.zeros((0, 1), np.float32) for key in labels.table_keys(model.heads)}
     return {key: value.cpu().numpy() for key, value in tables.items()}  # the one copy back
@@ -83,12 +92,13 @@ def predict_fold(cfg: dict, model: MaskNet, data, fold: int, eval_table, stores:
 
     `stores` holds the uint8 caches as dataset.resident made them: {"train": ..., "eval": ...}.
     """
-    batch, amp, tta = cfg["infer"]["batch_size"], cfg["train"]["amp"], list(cfg["infer"]["tta"])
+    batch, tta = cfg["infer"]["batch_size"], list(cfg["infer"]["tta"])
+    precision = resolve_precision(cfg["train"]["precision"], device)
     normalize = eval_normalize(cfg, device)
     _, val_rows = data.split(fold)
-    val_probs = predict(model, stores["train"], val_rows, normalize, batch, tta, amp, desc=f"f{fold} val TTA")
+    val_probs = predict(model, stores["train"], val_rows, normalize, batch, tta, precision, desc=f"f{fold} val TTA")
     save_probs(out.path(VAL_PROBS_TTA), data.table.iloc[val_rows], val_probs, fold=fold)
-    eval_probs = predict(model, stores["eval"], np.arange(len(eval_table)), normalize, batch, tta, amp,
+    eval_probs = predict(model, stores["eval"], np.arange(len(eval_table)), normalize, batch, tta, precision,
                          desc=f"f{fold} eval")
     save_probs(out.path(EVAL_PROBS), eval_table, eval_probs, fold=fold)
 
