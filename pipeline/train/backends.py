@@ -1,7 +1,7 @@
 """The device a training or an inference job runs on, set up the same way for both. On CUDA: cuDNN's autotuner
 (train.cudnn_benchmark: the fastest convolution algorithm per input shape, found in the first batches) and TF32
-for float32 matmuls and convolutions (train.tf32: what bf16 autocast leaves in float32, and everything with
-train.amp off). The legacy switches, not torch's fp32_precision ones: mixing the two is an error in torch,
+for float32 matmuls and convolutions (train.tf32: what autocast leaves in float32, and everything with
+train.precision: fp32). The legacy switches, not torch's fp32_precision ones: mixing the two is an error in torch,
 and other libraries still read the legacy ones."""
 from __future__ import annotations
 
