@@ -1,6 +1,6 @@
 """How fast a person at the door gets an answer.
 
-    python bench/gate.py [--bundle runs/demo/bundle] [--frames 60] [--seconds 60] [--clients 4] [--gpu-fast]
+    python bench/gate.py [--bundle runs/demo/bundle] [--frames 60] [--seconds 60] [--clients 8] [--gpu-fast]
 
 On one 1280x720 frame holding the real portrait (matplotlib's), with the bundle's runtime (onnxruntime,
 2 threads): per frame, the face finding, the classification by the full ensemble bundle, the
@@ -105,28 +105,53 @@ def server_load(bundle: Path, jpeg: bytes, clients: int, seconds: float) -> dict
                 time.sleep(0.2)
         httpx.post(f"{url}/predict", files={"file": ("f.jpg", jpeg, "image/jpeg")}, timeout=30)  # warm up
         start_rss = rss_mb(process.pid)
-        latencies, errors, stop = [], [], time.time() + seconds
+        latencies, shed, errors, health, stop = [], [], [], [], time.time() + seconds
 
-        def client():
+        def client(number: int):  # as the page does: the next frame after the answer; on 503, Retry-After
             with httpx.Client(timeout=30) as http:
                 while time.time() < stop:
                     started = time.perf_counter()
                     try:
-                        response = http.post(f"{url}/predict", files={"file": ("f.jpg", jpeg, "image/jpeg")})
-                        (latencies if response.status_code == 200 else errors).append(
-                            (time.perf_counter() - started) * 1000)
+                        response = http.post(f"{url}/predict?stream=bench-{number}",
+                                             files={"file": ("f.jpg", jpeg, "image/jpeg")})
                     except httpx.HTTPError:
-                        errors.append(float("nan"))
+                        errors.append("connection")
+                        continue
+                    if response.status_code == 200:
+                        latencies.append((time.perf_counter() - started) * 1000)
+                    elif response.status_code == 503:
+                        shed.append(1)
+                        time.sleep(float(response.headers.get("retry-after", 1)))
+                    else:
+                        errors.append(response.status_code)
 
-        threads = [threading.Thread(target=client) for _ in range(clients)]
+        def supervisor():  # a health check every 100 ms, as a supervisor with a short timeout would
+            with httpx.Client(timeout=10) as http:
+                while time.time() < stop:
+                    started = time.perf_counter()
+                    try:
+                        http.get(f"{url}/health")
+                        health.append((time.perf_counter() - started) * 1000)
+                    except httpx.HTTPError:
+                        health.append(float("inf"))
+                    time.sleep(0.1)
+
+        threads = [threading.Thread(target=client, args=(n,)) for n in range(clients)]
+        threads.append(threading.Thread(target=supervisor))
         for t in threads:
             t.start()
         for t in threads:
             t.join()
-        return {"clients": clients, "seconds": seconds, "served": len(latencies), "errors": len(errors),
-                "requests_per_s": round(len(latencies) / seconds, 1),
-                "p50_ms": round(float(np.percentile(latencies, 50)), 1) if latencies else None,
-                "p95_ms": round(float(np.percentile(latencies, 95)), 1) if latencies else None,
+        counted = httpx.get(f"{url}/health", timeout=10).json()
+
+        def pct(values, q):
+            return round(float(np.percentile(values, q)), 1) if values else None
+
+        return {"clients": clients, "seconds": seconds, "served": len(latencies), "shed": len(shed),
+                "shed_counted": counted["shed"], "errors": len(errors), "error_kinds": sorted(set(map(str, errors))),
+                "requests_per_s": round(len(latencies) / seconds, 1), "p50_ms": pct(latencies, 50),
+                "p95_ms": pct(latencies, 95), "health_p50_ms": pct(health, 50), "health_p95_ms": pct(health, 95),
+                "health_max_ms": round(max(health), 1) if health else None,
                 "rss_start_mb": start_rss, "rss_end_mb": rss_mb(process.pid)}
     finally:
         process.terminate()
@@ -138,7 +163,7 @@ def main() -> None:
     parser.add_argument("--bundle", default="runs/demo/bundle")
     parser.add_argument("--frames", type=int, default=60)
     parser.add_argument("--seconds", type=float, default=60)
-    parser.add_argument("--clients", type=int, default=4)
+    parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--gpu-fast", action="store_true")
     parser.add_argument("--min-face", type=int, default=None, help="time the face finder with this smallest face "
                                                                     "(source pixels) instead of the bundle's")
@@ -181,8 +206,11 @@ def main() -> None:
             r = results[key]
             print(f"{key:<26} {r['p50_ms']:>8} {r['p95_ms']:>8} {r['fps']:>7}")
     s = results["server"]
-    print(f"server, {s['clients']} clients x {s['seconds']:.0f} s: {s['served']} served ({s['requests_per_s']}/s), "
-          f"{s['errors']} errors, p50 {s['p50_ms']} ms, p95 {s['p95_ms']} ms, RSS {s['rss_start_mb']} -> {s['rss_end_mb']} MB")
+    print(f"server, {s['clients']} clients x {s['seconds']:.0f} s: {s['served']} frames answered ({s['requests_per_s']}/s), "
+          f"p50 {s['p50_ms']} ms, p95 {s['p95_ms']} ms; {s['shed']} shed with 503 ({s['shed_counted']} counted in "
+          f"/health); {s['errors']} other errors {s['error_kinds']}; /health p50 {s['health_p50_ms']} ms, p95 "
+          f"{s['health_p95_ms']} ms (target <= 50), max {s['health_max_ms']} ms; RSS {s['rss_start_mb']} -> "
+          f"{s['rss_end_mb']} MB (target: growth < 50)")
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=2))
 

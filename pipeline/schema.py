@@ -355,6 +355,15 @@ class GateSection(_Section):
     events_kept: Count
     min_face: _described(_int(ge=12) | None, "null (the bundle's faces.min_face) or an integer >= 12")
     folds: _described(Folds | None, f"null (every fold model) or {FOLDS_ALLOWED}")
+    token: _described(Annotated[str, Field(pattern=r"^env:[A-Za-z_][A-Za-z0-9_]*$")] | None,
+                      "null, or env:NAME: the environment variable that holds the token (never the token itself, "
+                      "which would reach every artifact's config)")
+    thumbnails: Bool
+    events_keep_days: Positive
+    events_log_mb: Positive
+    workers: CountOrZero
+    max_in_flight: CountOrZero
+    read_timeout_s: Positive
 
 
 class RunnerSection(_Section):

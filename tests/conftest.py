@@ -81,3 +81,19 @@ def camera_frame(portrait, x: int = 400, y: int = 100, scale: float = 0.8):
     small = cv2.resize(portrait, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
     frame[y:y + small.shape[0], x:x + small.shape[1]] = small
     return frame
+
+
+def wait_for_server(url: str, seconds: float = 90) -> bool:
+    """Whether a server at `url` answered GET /health (any status) within `seconds`; polls every 0.2 s."""
+    import time
+
+    import httpx
+
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        try:
+            httpx.get(f"{url}/health", timeout=1)
+            return True
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    return False

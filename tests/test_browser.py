@@ -10,11 +10,10 @@ import sys
 import time
 
 import cv2
-import httpx
 import pytest
 
 from pipeline.io import PROJECT_ROOT
-from tests.conftest import camera_frame
+from tests.conftest import camera_frame, wait_for_server
 
 CHROMIUM, DRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 pytestmark = pytest.mark.skipif(not (CHROMIUM and DRIVER), reason="needs Debian's chromium and chromium-driver "
@@ -37,8 +36,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_the_page_shows_a_box_and_a_verdict_for_a_face_in_the_camera(gate_run, portrait, tmp_path):
+@pytest.mark.parametrize("token", [None, "s3cret"], ids=["open", "token"])
+def test_the_page_shows_a_box_and_a_verdict_for_a_face_in_the_camera(gate_run, portrait, tmp_path, token):
     from selenium import webdriver
+    from selenium.common.exceptions import NoAlertPresentException
     from selenium.webdriver.chrome.service import Service
 
     video = tmp_path / "camera.y4m"
@@ -46,8 +47,9 @@ def test_the_page_shows_a_box_and_a_verdict_for_a_face_in_the_camera(gate_run, p
     port = _free_port()
     server = subprocess.Popen(
         [sys.executable, "-m", "pipeline.stages.serve", "-c", "configs/demo.yaml", "--bundle", str(gate_run["bundle"]),
-         "--port", str(port), f"output.dir={tmp_path / 'run'}"], cwd=PROJECT_ROOT, stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL, env={**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1"})
+         "--port", str(port), f"output.dir={tmp_path / 'run'}", *(["gate.token=env:GATE_TEST_TOKEN"] if token else [])],
+        cwd=PROJECT_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        env={**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", **({"GATE_TEST_TOKEN": token} if token else {})})
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
     for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -58,18 +60,20 @@ def test_the_page_shows_a_box_and_a_verdict_for_a_face_in_the_camera(gate_run, p
         options.add_argument(flag)
     driver = None
     try:
-        deadline = time.time() + 90
-        while time.time() < deadline:
-            try:
-                httpx.get(f"http://127.0.0.1:{port}/health", timeout=1)
-                break
-            except httpx.HTTPError:
-                time.sleep(0.2)
+        assert wait_for_server(f"http://127.0.0.1:{port}")
         os.environ["SE_OFFLINE"] = "true"  # Selenium Manager must not look for drivers online
         driver = webdriver.Chrome(options=options, service=Service(executable_path=DRIVER))
         driver.get(f"http://127.0.0.1:{port}/")
-        faces, deadline = None, time.time() + 60
+        faces, deadline, prompts = None, time.time() + 60, 0
         while time.time() < deadline:
+            if token:  # the page asks for the token once, at its first refused call
+                try:
+                    alert = driver.switch_to.alert
+                    alert.send_keys(token)
+                    alert.accept()
+                    prompts += 1
+                except NoAlertPresentException:
+                    pass
             faces = driver.execute_script("return document.getElementById('verdict').dataset.faces")
             if faces and int(faces) >= 1:
                 break
@@ -84,6 +88,9 @@ def test_the_page_shows_a_box_and_a_verdict_for_a_face_in_the_camera(gate_run, p
             "const c = document.getElementById('overlay'); const d = c.getContext('2d').getImageData(0, 0, c.width,"
             " c.height).data; let n = 0; for (let i = 3; i < d.length; i += 4) if (d[i] > 0) n++; return [c.width, n];")
         assert drawn[0] == 1280 and drawn[1] > 500  # the box and its label are painted over the video
+        assert prompts == (1 if token else 0)
+        banner = driver.find_element("id", "banner")  # the demo's models never saw a real face, and say so
+        assert banner.is_displayed() and "generated demo faces" in banner.text
     finally:
         if driver is not None:
             driver.quit()

@@ -174,6 +174,9 @@ def _rounded(weight):
     return {h: round(w, 8) for h, w in weight.items()} if isinstance(weight, dict) else round(weight, 8)
 
 
+TRAINED_ON_DEMO = "generated demo faces"
+
+
 def _manifest(cfg: dict, report: dict, members, fingerprint: dict, artifact: Artifact) -> dict:
     files = [GRAPH, *(f"mtcnn/{n}.onnx" for n in NETS)]
     return {
@@ -195,6 +198,9 @@ def _manifest(cfg: dict, report: dict, members, fingerprint: dict, artifact: Art
         "files": {name: file_digest(artifact.path(name)) for name in files},
         "provenance": {"config_hash": stable_hash(redacted(cfg)), "git_commit": git_commit(),
                        "data_fingerprint": fingerprint, "oof_macro_f1": report["ensemble"],
+                       # a gate must say when its models never saw a real face (the page shows a banner)
+                       "trained_on": TRAINED_ON_DEMO if (Path(cfg["data"]["root"]) / "synth.json").exists()
+                       else "photos",
                        "selected_with": "oof_tta" if report["use_tta"] else "oof",
                        # the measured difference varies in the last bits with onnxruntime's threads: it is in
                        # done.json; the manifest holds the bound, so a second export writes the same bytes

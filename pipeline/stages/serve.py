@@ -1,7 +1,8 @@
 """serve stage: the gate's HTTP server on 127.0.0.1 (pipeline.gate.server): the camera page at /, POST
-/predict (an image as the multipart form field `file`), /events and /health, from a bundle (default
+/predict (an image as the multipart form field `file`), /events, /metrics and /health, from a bundle (default
 <output.dir>/bundle, made by ./run.sh export). Events of masks worn wrongly or not at all go to
-<output.dir>/gate/events.jsonl and, with gate.webhook set, to that URL."""
+<output.dir>/gate/events.jsonl (no face image unless gate.thumbnails) and, with gate.webhook set, to that URL.
+Another address than loopback needs gate.token (docs/GATE.md, What the gate stores)."""
 from __future__ import annotations
 
 from pathlib import Path
