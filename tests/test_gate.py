@@ -16,7 +16,7 @@ from pipeline.data.dataset import eval_identity, train_fingerprint
 from pipeline.data.images import cached_images
 from pipeline.data.layout import load_eval, load_train
 from pipeline.data.pixels import image_set
-from pipeline.errors import MissingArtifactError
+from pipeline.errors import ConfigError, DataError, MissingArtifactError
 from pipeline.evaluate.ensemble import combine
 from pipeline.evaluate.tables import mean_of_folds
 from pipeline.gate.runtime import BundleError, Gate, ImageError, decode
@@ -232,3 +232,67 @@ def test_gate_folds_puts_only_those_fold_models_in_the_bundle(run, tmp_path):
                        manifest["ensemble"]["combine"])
     got = Gate(folder).classify(np.asarray(cached_images(cfg, image_set(cfg, "eval", eval_table["file"]))))
     assert np.abs(got["joint"] - expected["joint"]).max() < 1e-4
+
+
+def _video(path, portrait, frames=20, fps=10):
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), fps, (640, 360))
+    for i in range(frames):
+        writer.write(cv2.resize(camera_frame(portrait, x=100 + 20 * i), (640, 360))[:, :, ::-1])
+    writer.release()
+    return path
+
+
+def test_predict_samples_at_the_rate_asked_and_a_rerun_replaces_its_outputs(run, portrait, tmp_path):
+    video, out = _video(tmp_path / "door.avi", portrait), tmp_path / "out"
+    for _ in range(2):  # the second run replaces the first's lines, never appends to them
+        predict.run(run["cfg"], input=str(video), fps=4, out=str(out))
+        lines = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+        assert [line["frame"] for line in lines] == [0, 3, 5, 8, 10, 13, 15, 18]  # 4 a second of a 10 fps video
+    record = json.loads((out / "predict.json").read_text())
+    assert record["input"] == str(video) and record["frames_taken"] == 8 and record["fps"] == 4
+    assert record["bundle"]["git_commit"] and sorted(p.name for p in out.iterdir()) == [
+        "predict.json", "predictions.csv", "predictions.jsonl"]
+
+
+def test_ctrl_c_ends_a_stream_with_its_table_written(run, portrait, tmp_path, monkeypatch):
+    from pipeline.gate import runtime
+
+    calls, predict_one = [], runtime.Gate.predict
+
+    def interrupted(self, image, faces="all"):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return predict_one(self, image, faces)
+
+    monkeypatch.setattr(runtime.Gate, "predict", interrupted)
+    out = tmp_path / "out"
+    rows = predict.run(run["cfg"], input=str(_video(tmp_path / "door.avi", portrait)), fps=10, out=str(out))
+    assert len(rows) == 2 and len(pd.read_csv(out / "predictions.csv")) == 2
+    assert json.loads((out / "predict.json").read_text())["interrupted"] is True
+
+
+@pytest.mark.parametrize("fps", [0, -1, float("nan")])
+def test_a_bad_fps_is_refused(run, fps):
+    with pytest.raises(ConfigError, match=r"--fps"):
+        predict.run(run["cfg"], input="0", fps=fps)
+
+
+def test_predict_reads_only_regular_files_and_fails_when_none_could_be_read(run, portrait, tmp_path):
+    folder, out = tmp_path / "photos", tmp_path / "out"
+    folder.mkdir()
+    os.mkfifo(folder / "a_fifo.jpg")  # a read would block forever
+    (folder / "b_zero.jpg").symlink_to("/dev/zero")  # a read would never end
+    with pytest.raises(DataError) as caught:
+        predict.run(run["cfg"], input=str(folder), out=str(out))
+    assert "a_fifo.jpg: not a regular file" in str(caught.value) and "b_zero.jpg: not a regular file" in str(caught.value)
+    assert not out.exists() or not (out / "predictions.csv").exists()
+    cv2.imwrite(str(folder / "c_photo.jpg"), camera_frame(portrait)[:, :, ::-1])
+    rows = predict.run(run["cfg"], input=str(folder), faces="all", out=str(out))
+    assert len(rows) == 1 and rows[0]["source"] == "c_photo.jpg"
+    assert len(json.loads((out / "predict.json").read_text())["unreadable"]) == 2
+    done = subprocess.run([sys.executable, "-m", "pipeline.stages.predict", "-c", "configs/demo.yaml",
+                           f"output.dir={run['tmp'] / 'run'}", "--input", str(folder / "a_fifo.jpg"), "--out",
+                           str(tmp_path / "cli")], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1"})
+    assert done.returncode != 0 and "a_fifo.jpg: not a regular file" in done.stdout + done.stderr

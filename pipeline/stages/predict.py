@@ -30,23 +30,49 @@ def _arguments(parser) -> None:
 
 def run(cfg: dict, force: bool = False, input: str = "", out=None, bundle=None, faces=None, draw=False,
         fps: float = 4.0, max_frames: int = 0) -> list[dict]:
-    from pipeline.errors import MissingArtifactError
-    from pipeline.gate.predict import predict_photos, predict_stream, sources, write_table
-    from pipeline.gate.runtime import Gate
+    import json
+    import shutil
+    import time
 
+    from pipeline.errors import ConfigError, DataError, MissingArtifactError
+    from pipeline.gate.predict import finish_run, new_run_folder, predict_photos, predict_stream, sources, write_table
+    from pipeline.gate.runtime import Gate
+    from pipeline.io import atomic_write_text, redacted
+
+    if not (0 < fps <= 1000):
+        raise ConfigError(f"--fps {fps:g}: must be a number of frames per second in (0, 1000]")
+    if max_frames < 0:
+        raise ConfigError(f"--max-frames {max_frames}: must be 0 (the whole stream) or more")
     folder = Path(bundle) if bundle else output_dir(cfg, "bundle")
     if not (folder / "bundle.json").exists():
         raise MissingArtifactError(f"bundle: {folder / 'bundle.json'} not found; run: ./run.sh export -c CONFIG")
     gate = Gate(folder, min_face=cfg["gate"]["min_face"])
     out = Path(out) if out else output_dir(cfg, "predict")
     kind, items = sources(input)
+    work, problems = new_run_folder(out), []
+    record = {"input": redacted(str(input)), "kind": kind, "faces": faces or ("rule" if kind == "photos" else "all"),
+              "bundle": gate.manifest["provenance"], "bundle_files": gate.manifest["files"],
+              "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     if kind == "photos":
-        rows = predict_photos(gate, items, faces or "rule", out, draw)
+        rows = predict_photos(gate, items, record["faces"], work, draw, int(cfg["gate"]["max_upload_mb"] * 2**20),
+                              problems)
+        record.update(photos=len(items), unreadable=problems)
+        for line in problems:
+            print(f"[predict] could not read {line}")
+        if problems and len(problems) == len(items):
+            shutil.rmtree(work)  # the last run's outputs stay as they were
+            raise DataError([f"no input could be read ({len(items)} tried): {line}" for line in problems])
     else:
-        rows = predict_stream(gate, items[0], faces or "all", out, draw, fps, max_frames)
-    write_table(rows, out / "predictions.csv")
+        record.update(fps=fps)
+        rows = predict_stream(gate, items[0], record["faces"], work, draw, fps, max_frames, record)
+    write_table(rows, work / "predictions.csv")
+    record.update(faces_found=len(rows), finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    atomic_write_text(work / "predict.json", json.dumps(record, indent=1, default=str))
+    finish_run(work, out)
     verdicts = Counter(row["verdict"] for row in rows)
-    print(f"[predict] {len(rows)} face(s) in {len(items) if kind == 'photos' else 'the stream'}: "
+    what = f"{len(items) - len(problems)} of {len(items)} photo(s)" if kind == "photos" else (
+        f"{record['frames_taken']} frame(s) of the stream{' (interrupted)' if record.get('interrupted') else ''}")
+    print(f"[predict] {len(rows)} face(s) in {what}: "
           + ", ".join(f"{v} {verdicts[v]}" for v in ("ok", "incorrect", "no_mask")) + f"; {out / 'predictions.csv'}")
     return rows
 
