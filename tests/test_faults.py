@@ -31,7 +31,8 @@ from pipeline import io
 from pipeline.data.images import decode_images
 from pipeline.io import PROJECT_ROOT
 
-CHAIN = ("synth", "check", "folds", "train", "oof", "infer", "ensemble")
+COMPETITION = ("synth", "check", "folds", "train", "oof", "infer", "ensemble")  # to submission.csv
+CHAIN = (*COMPETITION, "pseudo", "export", "predict")  # then the pseudo-labels, the bundle and the door's predict
 TINY = ["synth.people=12", "synth.eval_people=3", "synth.image_size=[96,128]", "data.image_size=[32,40]", "folds.k=2",
         "model.backbones=[mobilenetv3_small_050]", "train.epochs=3", "train.patience=10", "train.batch_size=16",
         "infer.tta=[none,hflip]"]
@@ -98,7 +99,8 @@ class Workdir:
 
     def command(self, stage: str, *overrides: str) -> list[str]:
         data = self.root / "data"
-        return [sys.executable, "-m", f"pipeline.stages.{stage}", "-c", "configs/demo.yaml", f"data.root={data}",
+        arguments = ["--input", str(data / "eval" / "images")] if stage == "predict" else []
+        return [sys.executable, "-m", f"pipeline.stages.{stage}", *arguments, "-c", "configs/demo.yaml", f"data.root={data}",
                 f"synth.out={data}", f"data.label_fixes={data / 'label_fixes.csv'}", f"output.dir={self.root / 'run'}",
                 f"folds.dir={self.root / 'folds'}", f"data.cache_dir={self.root / 'cache'}", "data.num_workers=1",
                 "synth.workers=1", *TINY, *overrides]
@@ -152,7 +154,8 @@ def _normalised(value):
     import torch
 
     if isinstance(value, dict):
-        return {k: _normalised(v) for k, v in sorted(value.items()) if k not in ("images_per_s", "data_wait")}
+        return {k: _normalised(v) for k, v in sorted(value.items())
+                if k not in ("images_per_s", "data_wait", "started", "finished")}
     if isinstance(value, (list, tuple)):
         return [_normalised(v) for v in value]
     if isinstance(value, torch.Tensor):
@@ -175,7 +178,7 @@ def outcome(root: Path) -> dict:
 
     files, cache = {}, []
     for path in sorted(root.rglob("*")):
-        rel = path.relative_to(root)
+        rel = Path(re.sub(r"bundle-[0-9a-f]+-\d+", "bundle-VERSION", str(path.relative_to(root))))  # export's time
         if not path.is_file() or "tb" in rel.parts or (path.name.startswith(".") and path.name.endswith(".lock")):
             continue
         if rel.parts[0] == "cache":
@@ -189,6 +192,9 @@ def outcome(root: Path) -> dict:
             if rel.parts[:2] == ("run", "infer") and path.name == "done.json":
                 data["identity"].pop("eval_images")
                 data.pop("key"), data.pop("token")
+            elif path.name == "ensemble.done.json" or (rel.parts[1:2] == ("bundle-VERSION",) and path.name == "done.json"):
+                data["identity"].pop("infer" if path.name == "ensemble.done.json" else "ensemble")  # infer tokens'
+                data.pop("key"), data.pop("token")  # eval-images key, as above
             files[str(rel)] = data
         else:
             files[str(rel)] = _digest(path.read_bytes())
@@ -361,6 +367,14 @@ def _points() -> dict[str, object]:
         "infer-eval-cache": AtWrite("infer", "/cache/", "before", "the eval pixel cache written, not renamed"),
         "ensemble-between-files": AtWrite("ensemble", "submission.csv", "after", "submission.csv, not ensemble.json"),
         "ensemble-report-torn": AtWrite("ensemble", "ensemble.json", "during", "half of ensemble.json written"),
+        "ensemble-before-stamp": AtWrite("ensemble", "ensemble.done.json", "before", "its files, not its stamp"),
+        "pseudo-table-torn": AtWrite("pseudo", "pseudo.csv", "during", "half of pseudo.csv written"),
+        "pseudo-before-stamp": AtWrite("pseudo", "done.json", "before", "its table and report, not its stamp"),
+        "export-graph-torn": AtWrite("export", "ensemble.onnx", "during", "half of the bundle's graph written"),
+        "export-before-manifest": AtWrite("export", "bundle.json", "before", "the graph and nets, not the manifest"),
+        "export-before-switch": AtWrite("export", "done.json", "after", "the new version sealed, the link not switched"),
+        "predict-table-torn": AtWrite("predict", "predictions.csv", "during", "half of predictions.csv written"),
+        "predict-before-record": AtWrite("predict", "predict.json", "before", "its table, not its record"),
     }
 
 
@@ -371,7 +385,7 @@ FAST = ("synth-image-torn", "check-decode", "folds-csv-no-stamp", "train-mid-epo
 
 def test_every_kill_point_names_a_stage_of_the_chain_and_every_stage_has_points():
     assert {point.stage for point in POINTS.values()} == set(CHAIN)
-    assert [POINTS[name].stage for name in FAST] == list(CHAIN)  # the fast variant kills every stage once
+    assert [POINTS[name].stage for name in FAST] == list(COMPETITION)  # the fast variant kills each of these once
     assert len(POINTS) >= 12
 
 
@@ -384,6 +398,8 @@ def test_one_kill_in_every_stage_of_one_chain_gives_the_uninterrupted_answer(ref
         point = POINTS[name]
         done.append(point.kill(reference, rng))
         reference.work.must_run(point.stage, f"after {done[-1]}")
+    for stage in CHAIN[len(COMPETITION):]:  # pseudo, export and predict: killed in the full run only
+        reference.work.must_run(stage, "after the competition's chain")
     assert_same_outcome(reference.work.root, reference, f"seed {SEED}, kills: {done}")
 
 

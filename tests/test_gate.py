@@ -2,8 +2,10 @@
 folders, videos and camera-sized frames."""
 import json
 import os
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -16,12 +18,12 @@ from pipeline.data.dataset import eval_identity, train_fingerprint
 from pipeline.data.images import cached_images
 from pipeline.data.layout import load_eval, load_train
 from pipeline.data.pixels import image_set
-from pipeline.errors import ConfigError, DataError, MissingArtifactError
+from pipeline.errors import ConfigError, DataError, MissingArtifactError, StaleArtifactError
 from pipeline.evaluate.ensemble import combine
 from pipeline.evaluate.tables import mean_of_folds
 from pipeline.gate.runtime import BundleError, Gate, ImageError, decode
 from pipeline.io import PROJECT_ROOT
-from pipeline.stages import export, predict
+from pipeline.stages import export, predict, pseudo
 from tests.conftest import camera_frame, make_config
 
 @pytest.fixture
@@ -296,3 +298,59 @@ def test_predict_reads_only_regular_files_and_fails_when_none_could_be_read(run,
                            str(tmp_path / "cli")], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=120,
                           env={**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1"})
     assert done.returncode != 0 and "a_fifo.jpg: not a regular file" in done.stdout + done.stderr
+
+
+@pytest.fixture
+def run_copy(gate_run, tmp_path):
+    """The finished tiny run copied into a folder this test may change (the bundle link and its versions too)."""
+    from pipeline.config import with_values
+
+    out = tmp_path / "run"
+    shutil.copytree(gate_run["tmp"] / "run", out, symlinks=True)
+    return with_values(gate_run["cfg"], {"output.dir": str(out)})
+
+
+def _reinfer_fold0(cfg):
+    """What a retrain and a re-infer of fold 0 leave: its eval table changed and stamped anew."""
+    from pipeline.data.dataset import eval_identity
+    from pipeline.evaluate.tables import fresh_infer_artifacts
+
+    table, _ = load_train(cfg)
+    info, _ = load_eval(cfg)
+    artifact = fresh_infer_artifacts(cfg, "mobilenetv3_small_050", train_fingerprint(cfg, table),
+                                     eval_identity(cfg, info))[0]
+    arrays = dict(np.load(artifact.path(EVAL_PROBS)))
+    arrays["probs_joint"] = arrays["probs_joint"][::-1].copy()
+    np.savez(artifact.path(EVAL_PROBS), **arrays)
+    artifact.seal(backbone="mobilenetv3_small_050", fold=0)
+
+
+def test_export_refuses_an_ensemble_fitted_on_other_tables_and_ships_it_once_refitted(run_copy):
+    from pipeline.stages import ensemble
+
+    before = os.readlink(Path(run_copy["output"]["dir"]) / "bundle")
+    _reinfer_fold0(run_copy)
+    with pytest.raises(StaleArtifactError, match=r"ensemble .*stale.*infer\.mobilenetv3_small_050 fold 0.*"
+                                                 r"run\.sh ensemble"):
+        export.run(run_copy, force=True)
+    with pytest.raises(StaleArtifactError, match=r"ensemble .*infer\.mobilenetv3_small_050 fold 0"):
+        pseudo.run(run_copy)
+    changed = {**run_copy, "ensemble": {**run_copy["ensemble"], "decision": "offsets"}}
+    ensemble.run(run_copy)
+    with pytest.raises(StaleArtifactError, match=r"ensemble\.decision"):  # the ensemble section is its identity too
+        export.run(changed, force=True)
+    assert os.readlink(Path(run_copy["output"]["dir"]) / "bundle") == before  # nothing was shipped meanwhile
+    export.run(run_copy, force=True)
+    assert os.readlink(Path(run_copy["output"]["dir"]) / "bundle") != before
+
+
+def test_an_export_switches_the_bundle_whole_and_keeps_the_version_before(run_copy):
+    out = Path(run_copy["output"]["dir"])
+    first = Gate(out / "bundle")
+    export.run(run_copy, force=True)
+    second = (out / "bundle").resolve()
+    assert (out / "bundle").is_symlink() and second != first.folder and first.folder.is_dir()
+    assert first.classify(np.zeros((1, 40, 32, 3), np.uint8))["joint"].shape == (1, 18)  # the old one still loads
+    export.run(run_copy, force=True)
+    versions = sorted(p.name for p in out.glob("bundle-*"))
+    assert len(versions) == 2 and not first.folder.exists() and second.is_dir()  # the one before stays, no more

@@ -24,12 +24,9 @@ ALL_PASS = {"pseudo.thresholds.mask": 0.3, "pseudo.thresholds.gender": 0.5, "pse
 
 @pytest.fixture
 def teacher(gate_run, tmp_path):
-    """A copy of the finished tiny run's ensemble outputs in a run folder of this test's own."""
+    """A copy of the finished tiny run (checkpoints, tables, ensemble outputs) in a run folder of this test's own."""
     out = tmp_path / "teacher"
-    out.mkdir()
-    run = gate_run["tmp"] / "run"
-    for name in ("ensemble.json", ENSEMBLE_PROBS):
-        shutil.copy(run / name, out / name)
+    shutil.copytree(gate_run["tmp"] / "run", out, symlinks=True, ignore=shutil.ignore_patterns("bundle*", "predict"))
     return with_values(gate_run["cfg"], {"output.dir": str(out)})
 
 

@@ -2,6 +2,7 @@
 webhook (delivered, and a dead one that costs no frame), and a real server process on 127.0.0.1."""
 import json
 import os
+import shutil
 import socket
 import struct
 import subprocess
@@ -416,3 +417,22 @@ def test_a_trickling_webhook_is_given_up_at_one_deadline_and_counted(gate, portr
             assert 'maskfold_gate_webhook_total{outcome="failed"} 1.0' in client.get("/metrics").text
     finally:
         receiver.shutdown()
+
+
+def test_serve_picks_up_a_newly_exported_bundle_between_frames(gate_run, portrait, tmp_path):
+    from pipeline.config import with_values
+    from pipeline.stages import export
+
+    out = tmp_path / "run"
+    shutil.copytree(gate_run["tmp"] / "run", out, symlinks=True)
+    cfg = with_values(gate_run["cfg"], {"output.dir": str(out)})
+    state = GateState(Gate(out / "bundle"), EventLog(None), Limits(LIMIT), reload_every_s=0.0)
+    jpeg = _jpeg(camera_frame(portrait))
+    with TestClient(create_app(state)) as client:
+        assert client.post("/predict", files={"file": ("f.jpg", jpeg, "image/jpeg")}).status_code == 200
+        before = client.get("/health").json()["bundle"]
+        export.run(with_values(cfg, {"gate.folds": [0]}), force=True)  # one model per backbone: another bundle
+        assert client.post("/predict", files={"file": ("f.jpg", jpeg, "image/jpeg")}).status_code == 200
+        after = client.get("/health").json()["bundle"]
+    assert before["stamp"] and after["stamp"] != before["stamp"] and after["reloads"] == 1
+    assert len(state.gate.manifest["ensemble"]["members"]) == 2  # 2 backbones x fold 0, no longer 2 x 2

@@ -9,10 +9,13 @@ from __future__ import annotations
 import numpy as np
 
 from pipeline import labels
-from pipeline.artifacts import (VAL_PROBS, Artifact, fresh_train_stamps, infer_artifact, require_all,
+from pipeline.artifacts import (VAL_PROBS, Artifact, fresh_train_stamps, infer_artifact, output_dir, require_all,
                                 train_artifact)
+from pipeline.data.pseudo import ENSEMBLE_PROBS
 from pipeline.errors import ArtifactError
 from pipeline.io import atomic_save_npz, load_npz
+
+ENSEMBLE_REPORT, ENSEMBLE_STAMP = "ensemble.json", "ensemble.done.json"
 
 
 def save_probs(path, table, probs: dict, **meta) -> None:
@@ -84,3 +87,16 @@ def fresh_infer_artifacts(cfg: dict, backbone: str, fingerprint: dict, eval_key:
     artifacts = {f: infer_artifact(cfg, backbone, f, stamps[f]["token"], eval_key) for f in stamps}
     require_all(list(artifacts.values()), f"backbone {backbone}: inference tables not usable")
     return artifacts
+
+
+def ensemble_artifact(cfg: dict, fingerprint: dict, eval_key: dict) -> Artifact:
+    """submission.csv, ensemble_probs.npz and ensemble.json: what the ensemble stage fitted together. Its identity
+    is every inference table's stamp (each made from its fold's checkpoint, TTA and eval images) and the ensemble
+    section, so after a retrain and a re-infer the old ensemble is stale: export and pseudo refuse it, naming what
+    changed, instead of pairing new weights with old backbone weights and decision offsets."""
+    tokens = {f"{backbone} fold {fold}": artifact.read_stamp()["token"] for backbone in cfg["model"]["backbones"]
+              for fold, artifact in fresh_infer_artifacts(cfg, backbone, fingerprint, eval_key).items()}
+    return Artifact(what="ensemble (submission.csv, ensemble.json, ensemble_probs.npz)", folder=output_dir(cfg),
+                    identity={"infer": tokens, "ensemble": cfg["ensemble"]}, remedy="./run.sh ensemble -c CONFIG",
+                    stamp_name=ENSEMBLE_STAMP, outputs=("submission.csv", ENSEMBLE_PROBS, ENSEMBLE_REPORT),
+                    shared_folder=True, check_outputs="size")

@@ -15,7 +15,11 @@ batch axis, ONNX checker), then checked against the torch module on real crops.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
+import os
+import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +32,7 @@ from pipeline.data.crop import crop_rule
 from pipeline.data.faces import SETTINGS, nets_folder
 from pipeline.data.mtcnn import NETS, export_nets
 from pipeline.errors import ArtifactError
+from pipeline.evaluate.tables import ENSEMBLE_REPORT, ensemble_artifact
 from pipeline.gate.runtime import FORMAT, VERSION, class_names
 from pipeline.io import atomic_write_bytes, atomic_write_json, git_commit, redacted, stable_hash, torch_load
 from pipeline.train.augment import Normalize
@@ -71,8 +76,8 @@ class EnsembleGraph(nn.Module):
         return torch.cat([heads["mask"], heads["gender"], heads["age"], joint], dim=1)
 
 
-def bundle_artifact(cfg: dict, train_tokens: dict, ensemble_report: dict) -> Artifact:
-    identity = {"train_tokens": train_tokens, "weights": ensemble_report["weights"],
+def bundle_artifact(cfg: dict, train_tokens: dict, ensemble_report: dict, ensemble_token: str) -> Artifact:
+    identity = {"train_tokens": train_tokens, "ensemble": ensemble_token, "weights": ensemble_report["weights"],
                 "decision": _decision(ensemble_report),
                 "combine": ensemble_report["combine"], "tta": list(cfg["infer"]["tta"]), "crop": crop_rule(cfg),
                 "faces": {key: cfg["faces"][key] for key in SETTINGS}, "augment": {k: cfg["augment"][k] for k in ("mean", "std")}}
@@ -108,12 +113,15 @@ def _members(cfg: dict, report: dict, stamps: dict) -> list[tuple[nn.Module, flo
     return members
 
 
-def export_bundle(cfg: dict, fingerprint: dict, sample_crops: np.ndarray, force: bool = False) -> Path:
-    """Write <output.dir>/bundle/ from the run's fresh checkpoints and ensemble.json; `sample_crops`
-    (uint8 NHWC, a few real crops) check the graph against the torch module. Returns the folder."""
-    report_path = output_dir(cfg, "ensemble.json")
-    if not report_path.exists():
-        raise ArtifactError(f"export: {report_path} not found; run: ./run.sh ensemble -c CONFIG")
+def export_bundle(cfg: dict, fingerprint: dict, eval_key: dict, sample_crops: np.ndarray, force: bool = False) -> Path:
+    """Write <output.dir>/bundle/ from the run's fresh checkpoints and the ensemble fitted on their inference tables;
+    `sample_crops` (uint8 NHWC, a few real crops) check the graph against the torch module. Returns the folder.
+
+    The bundle is written whole into a new version folder, bundle-<key>-<time>/, and `bundle` (a symbolic link)
+    is switched to it in one rename: a gate loading it meanwhile sees the old version or the new one, never a mix.
+    The version before stays (a gate may be loading it); older ones are removed."""
+    ensemble = ensemble_artifact(cfg, fingerprint, eval_key).require()  # stale after a retrain and re-infer
+    report_path = output_dir(cfg, ENSEMBLE_REPORT)
     report = json.loads(report_path.read_text())
     if sorted(report["weights"]) != sorted(cfg["model"]["backbones"]):
         raise ArtifactError(f"export: {report_path} holds weights for {sorted(report['weights'])}, the config's "
@@ -122,12 +130,12 @@ def export_bundle(cfg: dict, fingerprint: dict, sample_crops: np.ndarray, force:
             for f in exported_folds(cfg)}
     stamps = require_all(list(jobs.values()), "fold checkpoints not usable, run the train stage first")
     tokens = {f"{b} fold {f}": s["token"] for (b, f), s in zip(jobs, stamps)}
-    artifact = bundle_artifact(cfg, tokens, report)
-    with artifact.lock():
-        if artifact.is_fresh() and not force:
-            print(f"[export] {artifact.state()[1]}; skipping (--force to export again)")
-            return artifact.folder
-        artifact.invalidate()
+    link = bundle_artifact(cfg, tokens, report, ensemble["token"])
+    with link.lock():
+        if link.is_fresh() and not force:
+            print(f"[export] {link.state()[1]}; skipping (--force to export again)")
+            return link.folder
+        artifact = dataclasses.replace(link, folder=link.folder.parent / f"bundle-{link.key[:10]}-{time.time_ns()}")
         members = _members(cfg, report, jobs)
         graph = EnsembleGraph(cfg, [(m, w) for m, w, _, _ in members], report["combine"]).eval()
         size = cfg["data"]["image_size"]
@@ -139,9 +147,27 @@ def export_bundle(cfg: dict, fingerprint: dict, sample_crops: np.ndarray, force:
         manifest = _manifest(cfg, report, members, fingerprint, artifact)
         atomic_write_json(artifact.path(MANIFEST), manifest)
         artifact.seal(parity_max_abs=parity)
-    print(f"[export] {artifact.folder}: {len(members)} models in one graph, {size[0]}x{size[1]} input, TTA "
+        switch_bundle(link.folder, artifact.folder)
+    print(f"[export] {link.folder} -> {artifact.folder.name}: {len(members)} models in one graph, {size[0]}x{size[1]} input, TTA "
           f"{cfg['infer']['tta']}; onnxruntime vs torch on {len(sample_crops)} crops: max |diff| {parity:.2e}")
     return artifact.folder
+
+
+def switch_bundle(link: Path, version: Path) -> None:
+    """Point `link` at `version` (a sibling folder) in one rename; keep the version it pointed at before, remove
+    older ones. A `link` that is still a plain folder (an export before versions) is moved aside first, once."""
+    temporary = link.parent / f".{link.name}.link-{os.getpid()}"
+    temporary.unlink(missing_ok=True)
+    os.symlink(version.name, temporary)
+    previous = link.resolve() if link.exists() else None
+    if link.exists() and not link.is_symlink():
+        previous = link.parent / f"{link.name}-{time.time_ns()}-unversioned"
+        os.replace(link, previous)
+    os.replace(temporary, link)  # atomic: a reader resolves the old target or the new one
+    keep = {version.resolve(), previous.resolve() if previous else None}
+    for old in link.parent.glob(f"{link.name}-*"):
+        if old.is_dir() and not old.is_symlink() and old.resolve() not in keep:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def _export_graph(graph: nn.Module, path: Path, size) -> None:

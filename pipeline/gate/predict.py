@@ -175,10 +175,23 @@ def predict_stream(gate: Gate, source, faces: str, out: Path, draw: bool, rate: 
 def new_run_folder(out: Path) -> Path:
     """A fresh, empty folder beside `out` where a run writes; `finish_run` moves its files into `out`."""
     out.mkdir(parents=True, exist_ok=True)
+    for left in out.glob(".run-*"):  # a killed run's folder (its process gone): never moved into place, removed
+        if not _alive(left.name.removeprefix(".run-")):
+            shutil.rmtree(left, ignore_errors=True)
     work = out / f".run-{os.getpid()}"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir()
     return work
+
+
+def _alive(pid: str) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except (ValueError, ProcessLookupError):
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def finish_run(work: Path, out: Path) -> None:

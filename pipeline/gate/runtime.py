@@ -17,6 +17,7 @@ import cv2
 import numpy as np
 
 from pipeline import labels
+from pipeline.artifacts import STAMP
 from pipeline.data.crop import crop_and_resize, crop_box, face_crop_box
 from pipeline.data.mtcnn import NETS, find_faces
 from pipeline.evaluate.decision import decide  # numpy only: the submission's own rule
@@ -51,7 +52,8 @@ class Gate:
     def __init__(self, folder, threads: int = 2, min_face: int | None = None):
         import onnxruntime as ort
 
-        self.folder = Path(folder)
+        self.link = Path(folder)  # `bundle`, a link export switches to each new version in one rename
+        self.folder = self.link.resolve()  # this version's folder: every file below is read from it, never a mix
         manifest_path = self.folder / "bundle.json"
         try:
             self.manifest = json.loads(manifest_path.read_text())
@@ -60,6 +62,10 @@ class Gate:
         except (OSError, ValueError) as error:
             raise BundleError(f"{manifest_path}: unreadable ({str(error)[:200]})") from error
         self._check_manifest(manifest_path)
+        try:
+            self.stamp = json.loads((self.folder / STAMP).read_text()).get("token")
+        except (OSError, ValueError):
+            self.stamp = None  # a bundle copied without its stamp still runs; /health says it has none
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
@@ -71,7 +77,7 @@ class Gate:
         # a door's faces are large: a bigger smallest face makes the face finder's pyramid, and a frame, cheaper
         self.faces_cfg = {**self.manifest["faces"], **({"min_face": min_face} if min_face else {})}
         self.nets = self.folder / "mtcnn"
-        self.threads = threads
+        self.threads, self.min_face = threads, min_face
 
     def _check_manifest(self, path: Path) -> None:
         m = self.manifest

@@ -23,7 +23,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
+import logging
 import os
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -41,6 +43,7 @@ from pipeline.gate.runtime import Gate, ImageError, decode
 PAGE = Path(__file__).with_name("page.html")
 STREAM = r"^[A-Za-z0-9_.:-]{1,64}$"
 OPEN_ROUTES = {"/health", "/"}  # /health for supervisors; the page holds no data and asks for the token
+log = logging.getLogger("maskfold.gate")
 
 
 class Refused(Exception):
@@ -100,16 +103,40 @@ class GateState:
     started: float = field(default_factory=time.time)
     in_flight: int = 0
     pool: ThreadPoolExecutor | None = None
+    reload_every_s: float = 1.0
+    reloads: int = 0
+    _looked: float = 0.0
+    _reloading: object = field(default_factory=threading.Lock)
 
     def __post_init__(self):
         self.pool = ThreadPoolExecutor(self.limits.workers, thread_name_prefix="gate-frame")
         self.events.on_outcome = lambda outcome: self.metrics.webhook.labels(outcome).inc()
 
+    def current_gate(self) -> Gate:
+        """The gate to judge the next frame with: a newly exported bundle (its link points at another version) is
+        loaded between frames, at most once a second, by one thread while the others go on with the old one."""
+        gate, now = self.gate, time.monotonic()
+        if now - self._looked < self.reload_every_s or not self._reloading.acquire(blocking=False):
+            return gate
+        try:
+            self._looked = now
+            if gate.link.resolve() != gate.folder:
+                try:
+                    self.gate = Gate(gate.link, gate.threads, gate.min_face)
+                    self.reloads += 1
+                    log.warning("bundle reloaded: %s (stamp %s)", self.gate.folder.name, self.gate.stamp)
+                except Exception as error:  # a half-copied or broken bundle: keep judging with the old one
+                    log.warning("bundle not reloaded, the old one stays: %s", str(error)[:300])
+        finally:
+            self._reloading.release()
+        return self.gate
+
     def frame(self, data: bytes, stream: str) -> dict:
         """A frame's work, in a pool thread: decode, find and classify every face, raise its stream's events."""
         started = time.perf_counter()
-        image = decode(data, self.gate.manifest["max_image_pixels"])
-        records = self.gate.predict(image, "all")
+        gate = self.current_gate()
+        image = decode(data, gate.manifest["max_image_pixels"])
+        records = gate.predict(image, "all")
         raised = self.events.observe(image, records, stream)
         seconds = time.perf_counter() - started
         m = self.metrics
@@ -134,7 +161,7 @@ class GateState:
                 "events": len(self.events.events), "streams": len(self.events.streams),
                 "thumbnails": self.events.thumbnails, "token": self.token is not None,
                 "webhook": {"configured": bool(self.events.webhook), **{o: self.events.outcomes[o] for o in OUTCOMES}},
-                "bundle": {"git_commit": provenance["git_commit"],
+                "bundle": {"stamp": self.gate.stamp, "reloads": self.reloads, "git_commit": provenance["git_commit"],
                            "config_hash": provenance["config_hash"], "oof_macro_f1": provenance["oof_macro_f1"],
                            "trained_on": provenance.get("trained_on"),
                            "input_size": manifest["input"]["size"], "crop": manifest["crop"]["mode"]}}

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from pipeline import labels
-from pipeline.artifacts import EVAL_PROBS, VAL_PROBS_TTA, file_digest, output_dir, output_lock
+from pipeline.artifacts import EVAL_PROBS, VAL_PROBS_TTA, file_digest, output_dir
 from pipeline.data.dataset import eval_identity, train_fingerprint
 from pipeline.data.layout import load_eval, load_train
 from pipeline.data.pseudo import ENSEMBLE_PROBS
@@ -18,7 +18,8 @@ from pipeline.evaluate.decision import nested_gain
 from pipeline.evaluate.ensemble import (backbone_weights, combine, nested_weights_f1, submission_frame, weight_text,
                                         weights_by_backbone)
 from pipeline.evaluate.metrics import score_probs
-from pipeline.evaluate.tables import check_coverage, fresh_infer_artifacts, mean_of_folds, oof_table, pool_folds, probs_of
+from pipeline.evaluate.tables import (ENSEMBLE_REPORT, check_coverage, ensemble_artifact, fresh_infer_artifacts,
+                                      mean_of_folds, oof_table, pool_folds, probs_of)
 from pipeline.io import atomic_save_npz, atomic_write_json, atomic_write_text, provenance
 from pipeline.stages import stage_main
 
@@ -64,11 +65,14 @@ def run(cfg: dict, force: bool = False) -> dict:
               "ensemble": scores, "decision": decision, "submission": str(out / "submission.csv"),
               "predicted_class_counts": np.bincount(submission["ans"], minlength=labels.NUM_CLASSES).tolist(),
               **provenance(cfg, cfg["train"]["seed"], fingerprint)}
-    with output_lock(cfg, "ensemble"):  # submission.csv, ensemble_probs.npz and ensemble.json from one run, never two
+    artifact = ensemble_artifact(cfg, fingerprint, eval_key)
+    with artifact.lock():  # submission.csv, ensemble_probs.npz and ensemble.json from one run, never two
+        artifact.invalidate()
         atomic_write_text(out / "submission.csv", submission.to_csv(index=False, lineterminator="\n"))
         atomic_save_npz(out / ENSEMBLE_PROBS, **teacher)
         report["probs"] = {"path": str(out / ENSEMBLE_PROBS), "digest": file_digest(out / ENSEMBLE_PROBS)}
-        atomic_write_json(out / "ensemble.json", report)
+        atomic_write_json(out / ENSEMBLE_REPORT, report)
+        artifact.seal(ensemble_oof_f1=scores["oof"]["f1"])
     for b, m in members.items():
         weight = weight_text(m["weight"])
         what = "OOF F1" if "joint" in oof[backbones.index(b)] else f"OOF F1 (mean of its heads {', '.join(m['heads'])})"

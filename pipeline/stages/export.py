@@ -3,7 +3,7 @@ TTA, the crop rule, the face finder; gate.folds: only those folds) as a self-con
 pipeline/gate/runtime.py loads with onnxruntime, numpy and OpenCV only (pipeline.gate.export)."""
 from __future__ import annotations
 
-from pipeline.data.dataset import train_fingerprint
+from pipeline.data.dataset import eval_identity, train_fingerprint
 from pipeline.data.images import cached_images
 from pipeline.data.layout import load_eval, load_train
 from pipeline.data.pixels import image_set
@@ -15,7 +15,7 @@ def run(cfg: dict, force: bool = False):
     table, _ = load_train(cfg)
     eval_table, _ = load_eval(cfg)
     sample = cached_images(cfg, image_set(cfg, "eval", eval_table["file"]), desc="decode eval")[:64]
-    return export_bundle(cfg, train_fingerprint(cfg, table), sample, force=force)
+    return export_bundle(cfg, train_fingerprint(cfg, table), eval_identity(cfg, eval_table), sample, force=force)
 
 
 if __name__ == "__main__":

@@ -17,9 +17,11 @@ import pandas as pd
 from pipeline import labels
 from pipeline.artifacts import Artifact, file_digest, output_dir
 from pipeline.data import layout
-from pipeline.data.layout import load_eval, read_csv
+from pipeline.data.dataset import eval_identity, train_fingerprint
+from pipeline.data.layout import load_eval, load_train, read_csv
 from pipeline.data.pseudo import ENSEMBLE_PROBS, UNLABELLED, choose, teacher_tables
 from pipeline.errors import ArtifactError, MissingArtifactError, StaleArtifactError
+from pipeline.evaluate.tables import ENSEMBLE_REPORT, ensemble_artifact
 from pipeline.io import atomic_write_text, write_provenance
 from pipeline.stages import stage_main
 
@@ -27,7 +29,7 @@ PSEUDO_TABLE, REPORT = "pseudo.csv", "report.md"
 
 
 def run(cfg: dict, force: bool = False) -> dict:
-    probs_path, report_path = output_dir(cfg, ENSEMBLE_PROBS), output_dir(cfg, "ensemble.json")
+    probs_path, report_path = output_dir(cfg, ENSEMBLE_PROBS), output_dir(cfg, ENSEMBLE_REPORT)
     if not report_path.exists() or not probs_path.exists():
         raise MissingArtifactError(f"{probs_path} or {report_path} not found; run: ./run.sh ensemble -c CONFIG")
     recorded = json.loads(report_path.read_text()).get("probs", {}).get("digest")
@@ -43,6 +45,10 @@ def run(cfg: dict, force: bool = False) -> dict:
     if cfg["pseudo"]["labels"] and _same_file(cfg["pseudo"]["labels"], table_path):
         raise ArtifactError(f"pseudo.labels is {table_path}, the table this stage would write: this run trained "
                             f"on it. A second round is a new run: set output.dir to another folder")
+    train_table, _ = load_train(cfg)
+    info, _ = load_eval(cfg)
+    # fitted on the current inference tables: after a retrain and a re-infer, the old ensemble is refused
+    ensemble_artifact(cfg, train_fingerprint(cfg, train_table), eval_identity(cfg, info)).require()
     with artifact.lock():
         status, message = artifact.state()
         if status == "fresh" and not force:
