@@ -148,7 +148,7 @@ def server_load(bundle: Path, jpeg: bytes, clients: int, seconds: float) -> dict
             return round(float(np.percentile(values, q)), 1) if values else None
 
         return {"clients": clients, "seconds": seconds, "served": len(latencies), "shed": len(shed),
-                "shed_counted": counted["shed"], "errors": len(errors), "error_kinds": sorted(set(map(str, errors))),
+                "shed_counted": counted.get("shed"), "errors": len(errors), "error_kinds": sorted(set(map(str, errors))),
                 "requests_per_s": round(len(latencies) / seconds, 1), "p50_ms": pct(latencies, 50),
                 "p95_ms": pct(latencies, 95), "health_p50_ms": pct(health, 50), "health_p95_ms": pct(health, 95),
                 "health_max_ms": round(max(health), 1) if health else None,
