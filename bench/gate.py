@@ -167,6 +167,7 @@ def main() -> None:
     parser.add_argument("--gpu-fast", action="store_true")
     parser.add_argument("--min-face", type=int, default=None, help="time the face finder with this smallest face "
                                                                     "(source pixels) instead of the bundle's")
+    parser.add_argument("--no-server", action="store_true", help="time the steps only")
     parser.add_argument("--out")
     args = parser.parse_args()
     from pipeline.config import load_config
@@ -187,6 +188,16 @@ def main() -> None:
     results["find_faces"] = timed(lambda: gate.find_faces(image), args.frames)
     results["classify_bundle"] = timed(lambda: gate.classify(crop), args.frames)
     results["predict_end_to_end"] = timed(lambda: gate.predict(image), args.frames)
+    from pipeline.data.blazeface import BlazeFace, onnx_model
+
+    with tempfile.TemporaryDirectory() as tmp:  # faces.finder: blazeface, converted here from the wheel
+        blaze = BlazeFace(onnx_model(tmp))
+    found = blaze.find(image, 0.5, gate.faces_cfg["min_face"])
+    assert len(found) == 1, f"blazeface: expected one face in the bench frame, found {len(found)}"
+    results["find_faces_blazeface"] = timed(lambda: blaze.find(image, 0.5, gate.faces_cfg["min_face"]), args.frames)
+    gate.blazeface, gate.faces_cfg = blaze, {**gate.faces_cfg, "blazeface_min_score": 0.5}
+    results["predict_end_to_end_blazeface"] = timed(lambda: gate.predict(image), args.frames)
+    gate.blazeface = None
     demo = load_config("configs/demo.yaml")
     with tempfile.TemporaryDirectory() as tmp:
         one = single_model_graph(demo, [manifest["ensemble"]["members"][0]["backbone"]], 1, Path(tmp))
@@ -196,23 +207,26 @@ def main() -> None:
             graph = single_model_graph(fast, fast["model"]["backbones"], fast["folds"]["k"], Path(tmp))
             results["gpu_fast_ten_models"] = {"backbones": fast["model"]["backbones"], "input": fast["data"]["image_size"],
                                               **graph_timing(graph, fast["data"]["image_size"], max(args.frames // 4, 5))}
-    results["server"] = server_load(Path(args.bundle), cv2.imencode(".jpg", image[:, :, ::-1])[1].tobytes(),
+    results["server"] = None if args.no_server else server_load(Path(args.bundle), cv2.imencode(".jpg", image[:, :, ::-1])[1].tobytes(),
                                     args.clients, args.seconds)
     print(f"\nthe gate on {results['machine']}: bundle of {results['models']} models at {results['input']}, "
           f"TTA {results['tta']}, one face in a 1280x720 frame")
     print(f"{'step':<26} {'p50 ms':>8} {'p95 ms':>8} {'fps':>7}")
-    for key in ("find_faces", "classify_bundle", "classify_one_model", "gpu_fast_ten_models", "predict_end_to_end"):
+    for key in ("find_faces", "find_faces_blazeface", "classify_bundle", "classify_one_model", "gpu_fast_ten_models",
+                "predict_end_to_end", "predict_end_to_end_blazeface"):
         if key in results:
             r = results[key]
             print(f"{key:<26} {r['p50_ms']:>8} {r['p95_ms']:>8} {r['fps']:>7}")
+    if args.out:
+        Path(args.out).write_text(json.dumps(results, indent=2))
     s = results["server"]
+    if s is None:
+        return
     print(f"server, {s['clients']} clients x {s['seconds']:.0f} s: {s['served']} frames answered ({s['requests_per_s']}/s), "
           f"p50 {s['p50_ms']} ms, p95 {s['p95_ms']} ms; {s['shed']} shed with 503 ({s['shed_counted']} counted in "
           f"/health); {s['errors']} other errors {s['error_kinds']}; /health p50 {s['health_p50_ms']} ms, p95 "
           f"{s['health_p95_ms']} ms (target <= 50), max {s['health_max_ms']} ms; RSS {s['rss_start_mb']} -> "
           f"{s['rss_end_mb']} MB (target: growth < 50)")
-    if args.out:
-        Path(args.out).write_text(json.dumps(results, indent=2))
 
 
 if __name__ == "__main__":

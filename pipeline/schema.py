@@ -21,7 +21,7 @@ from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, ValidationEr
 from pydantic_core import PydanticCustomError
 
 # the modules that implement these own their lists; they import no torch
-from pipeline.data.crop import MODES as CROP_MODES, PERSON_BOX  # noqa: E402
+from pipeline.data.crop import FINDERS, MODES as CROP_MODES, PERSON_BOX  # noqa: E402
 from pipeline.labels import HEAD_KINDS, HEADS  # noqa: E402
 from pipeline.train import engines, precision, views  # noqa: E402
 from pipeline.train.losses import LOSSES  # noqa: E402
@@ -158,6 +158,8 @@ class DataSection(_Section):
 
 class FacesSection(_Section):
     dir: PathText
+    finder: _one_of(*FINDERS)
+    blazeface_min_score: _float(gt=0, le=1)
     min_score: _float(ge=0, le=1)
     detect_scale: _float(gt=0, le=1)
     min_face: _described(_int(ge=12), "an integer >= 12 (pixels of the source image)")

@@ -354,3 +354,32 @@ def test_an_export_switches_the_bundle_whole_and_keeps_the_version_before(run_co
     export.run(run_copy, force=True)
     versions = sorted(p.name for p in out.glob("bundle-*"))
     assert len(versions) == 2 and not first.folder.exists() and second.is_dir()  # the one before stays, no more
+
+
+def test_blazeface_finds_the_real_face_in_camera_frames_and_keeps_its_landmarks(portrait, tmp_path):
+    from pipeline.data.blazeface import ANCHORS, BlazeFace, onnx_model
+
+    assert ANCHORS.shape == (896, 2)
+    finder = BlazeFace(onnx_model(tmp_path))  # converted here from the wheel's .tflite: no download
+    for x, y, scale in ((400, 100, 0.8), (900, 300, 0.3)):  # the portrait's face about 190 and 70 px wide
+        faces = finder.find(camera_frame(portrait, x=x, y=y, scale=scale), min_score=0.5)
+        assert len(faces) == 1, (x, y, scale, faces)
+        x0, y0, x1, y1 = faces[0].box
+        assert x < x0 < x1 < x + 512 * scale and y < y0 < y1 < y + 600 * scale
+        assert len(faces[0].landmarks) == 6 and all(x0 <= px <= x1 and y0 <= py <= y1
+                                                    for px, py in faces[0].landmarks[:4])  # eyes, nose, mouth
+    assert finder.find(np.zeros((720, 1280, 3), np.uint8), min_score=0.5) == []
+
+
+def test_a_bundle_with_the_blazeface_finder_finds_and_judges_the_face(run_copy, portrait, tmp_path):
+    from pipeline.config import with_values
+
+    cfg = with_values(run_copy, {"faces.finder": "blazeface"})
+    bundle = export.run(cfg, force=True)
+    gate = Gate(bundle)
+    assert gate.finder == "blazeface" and gate.manifest["faces"]["finder"] == "blazeface"
+    faces = gate.predict(camera_frame(portrait))
+    assert len(faces) == 1 and faces[0]["verdict"] in ("ok", "incorrect", "no_mask")
+    with pytest.raises(ConfigError, match=r"faces\.finder: blazeface finds faces at the door only"):
+        from pipeline.data.faces import detect_faces
+        detect_faces([camera_frame(portrait)], cfg["faces"])

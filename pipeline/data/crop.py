@@ -15,6 +15,7 @@ import cv2
 import numpy as np
 
 MODES = ("box", "detect")
+FINDERS = ("mtcnn", "blazeface")  # faces.finder: pipeline/data/mtcnn.py, pipeline/data/blazeface.py
 # which face crops a training photo (pipeline/data/faces.py: choose_faces)
 PERSON_BOX = ("own", "normal", "fill")
 

@@ -30,6 +30,7 @@ from pipeline import labels
 from pipeline.artifacts import BEST, Artifact, file_digest, output_dir, require_all, train_artifact
 from pipeline.data.crop import crop_rule
 from pipeline.data.faces import SETTINGS, nets_folder
+from pipeline.data import blazeface
 from pipeline.data.mtcnn import NETS, export_nets
 from pipeline.errors import ArtifactError
 from pipeline.evaluate.tables import ENSEMBLE_REPORT, ensemble_artifact
@@ -40,6 +41,7 @@ from pipeline.train.model import build_model
 from pipeline.train.views import tta_views
 
 GRAPH, MANIFEST = "ensemble.onnx", "bundle.json"
+BLAZEFACE = f"faces/{blazeface.ONNX}"  # with faces.finder: blazeface
 OUTPUT_COLUMNS = {"mask": (0, 3), "gender": (3, 5), "age": (5, 8), "joint": (8, 26)}  # slices of the output
 
 
@@ -81,8 +83,10 @@ def bundle_artifact(cfg: dict, train_tokens: dict, ensemble_report: dict, ensemb
                 "decision": _decision(ensemble_report),
                 "combine": ensemble_report["combine"], "tta": list(cfg["infer"]["tta"]), "crop": crop_rule(cfg),
                 "faces": {key: cfg["faces"][key] for key in SETTINGS}, "augment": {k: cfg["augment"][k] for k in ("mean", "std")}}
+    finder = (BLAZEFACE,) if cfg["faces"]["finder"] == "blazeface" else ()
     return Artifact(what="bundle", folder=output_dir(cfg, "bundle"), identity=identity,
-                    remedy="./run.sh export -c CONFIG", outputs=(GRAPH, MANIFEST, *(f"mtcnn/{n}.onnx" for n in NETS)))
+                    remedy="./run.sh export -c CONFIG",
+                    outputs=(GRAPH, MANIFEST, *(f"mtcnn/{n}.onnx" for n in NETS), *finder))
 
 
 def _decision(report: dict) -> dict:
@@ -144,6 +148,9 @@ def export_bundle(cfg: dict, fingerprint: dict, eval_key: dict, sample_crops: np
         nets = export_nets(nets_folder(cfg["faces"]))
         for name in NETS:
             atomic_write_bytes(artifact.path(f"mtcnn/{name}.onnx"), nets[name].read_bytes())
+        if cfg["faces"]["finder"] == "blazeface":  # converted once from the wheel's .tflite into faces.dir
+            converted = blazeface.onnx_model(Path(cfg["faces"]["dir"]) / "blazeface")
+            atomic_write_bytes(artifact.path(BLAZEFACE), converted.read_bytes())
         manifest = _manifest(cfg, report, members, fingerprint, artifact)
         atomic_write_json(artifact.path(MANIFEST), manifest)
         artifact.seal(parity_max_abs=parity)
@@ -204,7 +211,7 @@ TRAINED_ON_DEMO = "generated demo faces"
 
 
 def _manifest(cfg: dict, report: dict, members, fingerprint: dict, artifact: Artifact) -> dict:
-    files = [GRAPH, *(f"mtcnn/{n}.onnx" for n in NETS)]
+    files = [GRAPH, *(f"mtcnn/{n}.onnx" for n in NETS), *([BLAZEFACE] if cfg["faces"]["finder"] == "blazeface" else [])]
     return {
         "format": FORMAT, "version": VERSION,
         "classes": class_names(),
@@ -221,6 +228,7 @@ def _manifest(cfg: dict, report: dict, members, fingerprint: dict, artifact: Art
                      "members": [{"backbone": b, "fold": f, "weight": _rounded(w)} for _, w, b, f in members]},
         "decision": _decision(report),
         "graph": GRAPH, "mtcnn": {name: f"mtcnn/{name}.onnx" for name in NETS},
+        **({"blazeface": BLAZEFACE} if cfg["faces"]["finder"] == "blazeface" else {}),
         "files": {name: file_digest(artifact.path(name)) for name in files},
         "provenance": {"config_hash": stable_hash(redacted(cfg)), "git_commit": git_commit(),
                        "data_fingerprint": fingerprint, "oof_macro_f1": report["ensemble"],
