@@ -169,6 +169,30 @@ def hard_faces(cfg: dict, base: np.ndarray) -> dict:
     return {"in_frames": result, "score_at_384x512": competition}
 
 
+def crop_difference(cfg: dict, base: np.ndarray) -> dict:
+    """The detect-mode crop (data.crop.margin, data.image_size's aspect) cut from MTCNN's box and from BlazeFace's
+    on the 384x512 portrait, bare and with each painted mask: each edge's distance in source pixels, and the two
+    crops' IoU. The faces stage and the door use one finder, so this is what switching finder moves."""
+    from pipeline.data.crop import crop_box, crop_rule
+    from pipeline.gate.events import iou
+
+    rule = crop_rule({**cfg, "data": {**cfg["data"], "crop": {**cfg["data"]["crop"], "mode": "detect"}}})
+    face = detect_faces([base], {**cfg["faces"], "finder": "mtcnn", "detect_scale": 1.0})[0][0]
+    rows = {}
+    for kind in ("none", "incorrect", "worn"):
+        photo = painted_mask(base, face, kind)
+        crops, scores = {}, {}
+        for finder in ("mtcnn", "blazeface"):
+            found = detect_faces([photo], {**cfg["faces"], "finder": finder})[0]
+            crops[finder] = crop_box(photo.shape[1], photo.shape[0], rule, found[0].box if found else None)
+            scores[finder] = round(found[0].score, 3) if found else None
+        edges = np.abs(np.subtract(crops["mtcnn"], crops["blazeface"]))
+        rows[kind] = {"mtcnn": list(crops["mtcnn"]), "blazeface": list(crops["blazeface"]), "scores": scores,
+                      "edge_px": edges.tolist(), "max_edge_px": int(edges.max()),
+                      "iou": round(iou(crops["mtcnn"], crops["blazeface"]), 3)}
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-c", "--config", default="configs/demo.yaml")
@@ -184,6 +208,7 @@ def main() -> None:
         results = {"machine": f"{os.cpu_count()} cores", "speed": speed(cfg, base, args.images, work)}
         results["digests"] = digests(cfg, base, args.digest_files, work)
     results["hard_faces"] = hard_faces(cfg, portrait())
+    results["crops"] = crop_difference(cfg, base)
     print(f"\nMTCNN on {results['speed']['images']} 384x512 photos ({results['machine']}):")
     print(f"{'scale':>6} {'img/s/process':>14} {'box shift px':>13} {'31,500 img, 2 cores':>20} {'16 cores':>9}")
     for scale, row in results["speed"]["by_scale"].items():
@@ -198,6 +223,10 @@ def main() -> None:
     for kind, row in results["hard_faces"]["in_frames"].items():
         print(f"  {kind:<10} found {row['found']}/{row['frames']}  mean best score {row['mean_best_score']}")
     print("  best score at 384x512, detect_scale", cfg["faces"]["detect_scale"], results["hard_faces"]["score_at_384x512"])
+    print(f"\nthe detect-mode crop from MTCNN's box and from BlazeFace's, 384x512 portrait (x0, y0, x1, y1 px):")
+    for kind, row in results["crops"].items():
+        print(f"  {kind:<10} mtcnn {row['mtcnn']}  blazeface {row['blazeface']}  edges {row['edge_px']} px  "
+              f"IoU {row['iou']}  scores {row['scores']}")
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=2))
 

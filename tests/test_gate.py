@@ -380,6 +380,8 @@ def test_a_bundle_with_the_blazeface_finder_finds_and_judges_the_face(run_copy, 
     assert gate.finder == "blazeface" and gate.manifest["faces"]["finder"] == "blazeface"
     faces = gate.predict(camera_frame(portrait))
     assert len(faces) == 1 and faces[0]["verdict"] in ("ok", "incorrect", "no_mask")
-    with pytest.raises(ConfigError, match=r"faces\.finder: blazeface finds faces at the door only"):
-        from pipeline.data.faces import detect_faces
-        detect_faces([camera_frame(portrait)], cfg["faces"])
+    from pipeline.data.faces import detect_faces  # the faces stage's call: the same finder on training photos
+
+    (face,), = detect_faces([camera_frame(portrait)], cfg["faces"])
+    assert face.box == tuple(gate.find_faces(camera_frame(portrait))[0].box) and len(face.landmarks) == 5
+    assert face.landmarks[0][0] < face.landmarks[1][0]  # the image-left eye first, as MTCNN's

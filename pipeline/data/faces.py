@@ -30,7 +30,6 @@ from tqdm import tqdm
 from pipeline.data.crop import PERSON_BOX, fixed_box  # noqa: F401 (PERSON_BOX: person_box's values)
 from pipeline.data.images import decode_file
 from pipeline.data.mtcnn import LANDMARKS, Face, export_nets, find_faces
-from pipeline.errors import ConfigError
 from pipeline.io import parallel
 
 LANDMARK_COLUMNS = tuple(f"{name}_{axis}" for name in LANDMARKS for axis in "xy")
@@ -52,14 +51,34 @@ def nets_folder(faces_cfg: dict) -> Path:
 def detect_faces(images: list[np.ndarray], faces_cfg: dict) -> list[list[Face]]:
     """Every face found in each RGB uint8 image, best score first, in the image's own pixels
     (pipeline.data.mtcnn.find_faces with the config's face finder settings)."""
-    if faces_cfg["finder"] != "mtcnn":
-        raise ConfigError(f"faces.finder: {faces_cfg['finder']} finds faces at the door only for now: its boxes are "
-                          f"not yet mapped to the crops training cuts, so the faces stage (data.crop.mode: detect) "
-                          f"runs mtcnn; set faces.finder: mtcnn for it")
+    if faces_cfg["finder"] == "blazeface":  # the door's finder on the training photos too: one crop at both ends
+        finder = _blazeface(faces_cfg)
+        return [[_as_mtcnn_landmarks(face) for face in finder.find(image, faces_cfg["blazeface_min_score"],
+                                                                   faces_cfg["min_face"])] for image in images]
     folder = nets_folder(faces_cfg)
     export_nets(folder)
     return [find_faces(image, folder, faces_cfg["detect_scale"], faces_cfg["min_face"], faces_cfg["min_score"])
             for image in images]
+
+
+_BLAZEFACE: dict = {}
+
+
+def _blazeface(faces_cfg: dict):
+    """One BlazeFace per process and faces.dir; its ONNX converted there once (pipeline/data/blazeface.py)."""
+    from pipeline.data.blazeface import BlazeFace, onnx_model
+
+    folder = Path(faces_cfg["dir"]) / "blazeface"
+    if str(folder) not in _BLAZEFACE:
+        _BLAZEFACE[str(folder)] = BlazeFace(onnx_model(folder))
+    return _BLAZEFACE[str(folder)]
+
+
+def _as_mtcnn_landmarks(face: Face) -> Face:
+    """BlazeFace's 6 points as the table's 5 (MTCNN's, image-left eye first): its person's right eye is the
+    image's left one; it has one mouth point, which both mouth columns hold; its ears are left out."""
+    right_eye, left_eye, nose, mouth = face.landmarks[:4]
+    return Face(face.box, face.score, (right_eye, left_eye, nose, mouth, mouth))
 
 
 def _detect_chunk(files: list[str], faces_cfg: dict, max_pixels: int) -> list[dict]:
@@ -84,7 +103,8 @@ def _row(file, width, height, face, box, score, landmarks, source) -> dict:
 def detect_files(files: list[str], cfg: dict, desc: str = "faces") -> tuple[pd.DataFrame, float]:
     """One row per face found in each file (a `fallback` row where none is), in file order; and the
     detection rate in images per second of all workers together."""
-    detect_faces([], cfg["faces"])  # a finder the stage cannot run is refused before the workers start
+    if cfg["faces"]["finder"] == "blazeface":
+        _blazeface(cfg["faces"])  # converted once, here, before the workers read the file
     export_nets(nets_folder(cfg["faces"]))  # once, here, before the workers read the files
     started = time.perf_counter()
     chunks = [files[i:i + 32] for i in range(0, len(files), 32)]
