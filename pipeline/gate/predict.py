@@ -145,12 +145,14 @@ def predict_stream(gate: Gate, source, faces: str, out: Path, draw: bool, rate: 
         with open(out / "predictions.jsonl.partial", "w") as lines:
             try:
                 while max_frames <= 0 or taken < max_frames:
-                    ok, frame = capture.read()
-                    if not ok:
-                        break
+                    if not capture.grab():  # the next frame, not decoded: a frame not taken costs no decoding,
+                        break               # and a camera's buffer is drained while a slow frame was judged
                     frame_index += 1
                     if not sampler.take(frame_index / video_fps if is_file else time.monotonic() - started):
                         continue
+                    ok, frame = capture.retrieve()
+                    if not ok:
+                        break
                     image = cv2.cvtColor(frame, cv2.COLOR_BGR2RGB)
                     records = gate.predict(image, faces)
                     taken += 1
