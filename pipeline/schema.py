@@ -221,6 +221,7 @@ class TrainSection(_Section):
     folds: _described(Folds | None, f"null (all folds) or {FOLDS_ALLOWED}")
     epochs: Count
     batch_size: Count
+    accumulate: Count
     optimizer: _one_of("adamw", "sgd")
     lr: Positive
     weight_decay: NonNegative

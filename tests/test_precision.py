@@ -123,3 +123,40 @@ def test_the_loss_scale_survives_a_resume(tmp_path, tiny_data):
     assert fresh.scaler.get_scale() != job.scaler.get_scale()
     checkpoint.resume(artifact, fresh)
     assert fresh.scaler.get_scale() == job.scaler.get_scale()
+
+
+def _without_batch_statistics(model: torch.nn.Module) -> None:
+    """Every BatchNorm normalises with its running statistics, in training too: no batch dependence."""
+    import types
+
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            module.eval()
+            module.train = types.MethodType(lambda self, mode=True: self, module)
+
+
+def test_accumulating_two_batches_of_b_is_one_batch_of_2b(tmp_path, tiny_data):
+    """train.accumulate: 2 at batch 8 sums the gradients of the 16 images batch 16 takes in one, with the loss
+    scaled: the same optimizer steps, schedule and weights, within float tolerance."""
+    common = ("model.drop_rate=0", "train.cutmix_p=0", "train.weight_decay=0.01")
+    cfg_one, one = _job(tmp_path / "one", tiny_data, *common, "train.batch_size=16", "train.max_batches=2")
+    cfg_two, two = _job(tmp_path / "two", tiny_data, *common, "train.batch_size=8", "train.accumulate=2",
+                        "train.max_batches=4")
+    assert one.steps_per_epoch == two.steps_per_epoch
+    for job in (one, two):
+        _without_batch_statistics(job.model)
+    assert all(torch.equal(a, b) for a, b in zip(_weights(one), _weights(two), strict=True))  # the same start
+    first, second = loop.train_one_epoch(cfg_one, one, 0), loop.train_one_epoch(cfg_two, two, 0)
+    for a, b in zip(one.model.parameters(), two.model.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    assert one.schedule.state_dict() == two.schedule.state_dict()
+    for head in one.criteria:
+        assert first[f"loss_{head}"] == pytest.approx(second[f"loss_{head}"], rel=1e-5)
+    moved = [not torch.equal(a, b) for a, b in zip(_weights(one), _weights(_job(tmp_path / "fresh", tiny_data,
+                                                                                   *common)[1]), strict=True)]
+    assert any(moved)  # the steps did change the weights
+
+
+def test_accumulate_larger_than_an_epoch_is_refused_naming_it(tmp_path, tiny_data):
+    with pytest.raises(ConfigError, match=r"train\.accumulate: 50 batches per optimizer step"):
+        _job(tmp_path, tiny_data, "train.accumulate=50")

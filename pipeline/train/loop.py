@@ -139,7 +139,13 @@ def build_job(cfg: dict, backbone: str, fold: int, data: TrainData) -> Job:
         dataset = ImageDataset(data.images, train_transform(cfg), train_rows, targets)
         batches = LoaderBatches(dataset, t["batch_size"], workers, device, weights)
         prepare = Normalize(cfg, device, None, channels_last)
-    steps = min(len(batches), t["max_batches"] or len(batches))
+    drawn = min(len(batches), t["max_batches"] or len(batches))
+    if drawn < t["accumulate"]:
+        from pipeline.errors import ConfigError
+
+        raise ConfigError(f"train.accumulate: {t['accumulate']} batches per optimizer step, but an epoch of {backbone} "
+                          f"fold {fold} draws {drawn} batches of train.batch_size {t['batch_size']}")
+    steps = drawn // t["accumulate"]  # optimizer steps: what the schedule, the EMA and the logs count
     precision = resolve_precision(t["precision"], device)
     return Job(backbone, fold, seed, device, model, ema, optimizer, Schedule(cfg, optimizer, steps), criteria,
                batches, prepare, store, val_rows, data.table.iloc[val_rows], steps, model.heads, precision,
@@ -170,25 +176,28 @@ def set_frozen(job: Job, frozen: bool) -> None:
         parameter.requires_grad_(not frozen)
 
 
-def _step(cfg: dict, job: Job, images: torch.Tensor, targets: dict, step: int) -> tuple[dict, torch.Tensor | None]:
-    """Optimizer step number `step` of the job: (the per-head losses, whether the step was taken), device tensors
-    never read here. `taken` is None where every step is taken (bf16, fp32); under fp16 it is False for a step
-    whose gradients were not finite, which GradScaler skips (the weights stay as they were) and the loop counts.
-    train.clip_grad clips the true gradients' norm (unscaled first under fp16)."""
-    job.schedule.set(step)
+def _backward(cfg: dict, job: Job, images: torch.Tensor, targets: dict, parts: int) -> dict:
+    """Forward and backward of one batch, its loss divided by `parts` (the batches summed into one optimizer step),
+    the gradients added to what is there; the per-head losses (undivided) as device tensors, never read here."""
     with autocast(job.device, job.precision):
         outputs = labels.split_logits(job.model(images), cfg["model"]["head"], job.heads)
     losses = {head: criterion(outputs[head], targets[key]) for head, (key, criterion) in job.criteria.items()}
-    loss = sum(cfg["model"]["head_weights"].get(head, 1.0) * value for head, value in losses.items())
-    job.optimizer.zero_grad(set_to_none=True)
+    loss = sum(cfg["model"]["head_weights"].get(head, 1.0) * value for head, value in losses.items()) / parts
+    (loss if job.scaler is None else job.scaler.scale(loss)).backward()
+    return losses
+
+
+def _optimizer_step(cfg: dict, job: Job, step: int) -> torch.Tensor | None:
+    """Optimizer step number `step` on the gradients summed so far, then the EMA; whether it was taken, as a device
+    tensor: None where every step is (bf16, fp32); under fp16 False for a step whose gradients were not finite,
+    which GradScaler skips (the weights stay as they were) and the loop counts. train.clip_grad clips the true
+    gradients' norm (unscaled first under fp16)."""
     clip, taken = cfg["train"]["clip_grad"], None
     if job.scaler is None:
-        loss.backward()
         if clip:
             torch.nn.utils.clip_grad_norm_(job.model.parameters(), clip)
         job.optimizer.step()
     else:
-        job.scaler.scale(loss).backward()
         job.scaler.unscale_(job.optimizer)
         trained = [p for p in job.model.parameters() if p.grad is not None]
         norm = torch.nn.utils.get_total_norm([p.grad for p in trained])  # on the device: no sync
@@ -199,7 +208,15 @@ def _step(cfg: dict, job: Job, images: torch.Tensor, targets: dict, step: int) -
         job.scaler.update()
     if job.ema is not None:
         job.ema.update(job.model, step=step)
-    return losses, taken
+    return taken
+
+
+def _step(cfg: dict, job: Job, images: torch.Tensor, targets: dict, step: int) -> tuple[dict, torch.Tensor | None]:
+    """Optimizer step number `step` on one batch: (its per-head losses, whether the step was taken)."""
+    job.schedule.set(step)
+    job.optimizer.zero_grad(set_to_none=True)
+    losses = _backward(cfg, job, images, targets, 1)
+    return losses, _optimizer_step(cfg, job, step)
 
 
 class InputClock:
@@ -265,37 +282,50 @@ def train_one_epoch(cfg: dict, job: Job, epoch: int) -> dict:
     job.model.train()
     if frozen:
         job.model.backbone.eval()  # BatchNorm running statistics stay the pretrained ones
-    batches = min(len(job.batches), t["max_batches"] or len(job.batches))
+    parts = t["accumulate"]
+    steps = min(job.steps_per_epoch, max((t["max_batches"] or len(job.batches)) // parts, 1))
+    batches = steps * parts  # the batches drawn: whole groups of `parts` per optimizer step
     loss_sum = {head: torch.zeros((), device=job.device) for head in job.criteria}
     counted, skipped = torch.zeros((), device=job.device), torch.zeros((), dtype=torch.long, device=job.device)
-    started, seen = time.perf_counter(), 0
+    group = {head: torch.zeros((), device=job.device) for head in job.criteria}
+    started, seen, in_group = time.perf_counter(), 0, 0
     clock = InputClock(job.device)
     bar = tqdm(total=batches, desc=f"{job.backbone} f{job.fold} e{epoch}", leave=False)
-    for step, (images, targets) in enumerate(job.batches.epoch(epoch_seed)):
-        if step >= batches:
+    for draw, (images, targets) in enumerate(job.batches.epoch(epoch_seed)):
+        if draw >= batches:
             break
+        step, part = epoch * job.steps_per_epoch + draw // parts, draw % parts
         images = job.prepare(images)
         if t["cutmix_p"] and float(torch.rand(1, generator=coin)) < t["cutmix_p"]:
             images = same_label_cutmix(images, targets["group"], mix)
         _refuse_layout(job, images, epoch)
         clock.mark()
-        losses, taken = _step(cfg, job, images, targets, epoch * job.steps_per_epoch + step)
+        if part == 0:
+            job.schedule.set(step)
+            job.optimizer.zero_grad(set_to_none=True)
+        losses = _backward(cfg, job, images, targets, parts)
+        taken = _optimizer_step(cfg, job, step) if part == parts - 1 else None
         clock.mark()
         seen += len(images)
+        in_group += len(images)
         for head, value in losses.items():
-            value = value.detach() if taken is None else torch.where(taken, value.detach(), 0.0)
-            loss_sum[head] += value * len(images)
-        counted += len(images) if taken is None else taken * len(images)
-        if taken is not None:
-            skipped += ~taken
+            group[head] = group[head] + value.detach() * len(images)
+        if part == parts - 1:  # the optimizer step's losses count once it is known whether fp16 took it
+            for head, total in group.items():
+                loss_sum[head] += total if taken is None else torch.where(taken, total, 0.0)
+            counted += in_group if taken is None else taken * in_group
+            if taken is not None:
+                skipped += ~taken
+            group = {head: torch.zeros((), device=job.device) for head in job.criteria}
+            in_group = 0
         bar.update()
-        if step % PROGRESS_EVERY == 0:
+        if draw % PROGRESS_EVERY == 0:
             bar.set_postfix(loss=f"{sum(float(v) for v in loss_sum.values()) / max(float(counted), 1):.3f}")
     bar.close()
     images_counted, skipped = float(counted), int(skipped)  # the epoch's sync
     elapsed = max(time.perf_counter() - started, 1e-9)
-    if skipped and skipped >= batches:
-        raise FloatingPointError(f"{job.backbone} fold {job.fold} epoch {epoch}: every one of its {batches} steps was "
+    if skipped and skipped >= steps:
+        raise FloatingPointError(f"{job.backbone} fold {job.fold} epoch {epoch}: every one of its {steps} steps was "
                                  f"skipped under fp16 (gradients not finite): the training diverged (a lower train.lr, "
                                  f"train.clip_grad, or train.precision: fp32, may help)")
     means = {f"loss_{head}": float(total) / max(images_counted, 1) for head, total in loss_sum.items()}
