@@ -33,7 +33,7 @@ if [ -n "${OUT:-}" ]; then mkdir -p "$OUT"; TABLE="$OUT/$step.md"; : > "$TABLE";
 
 row() { printf '| %s | %s | %s |\n' "$1" "$2" "$3" | tee -a "$TABLE"; }
 since() { awk -v a="$1" -v b="$EPOCHREALTIME" 'BEGIN { printf "%.1f", b - a }'; }
-last_line() { tr '\r' '\n' < "$1" | grep -v 'it/s\|done in [0-9.]*s$\|warnings.warn\|Warning:' | grep . | tail -n 1 | tr '|' '/' | cut -c1-160; }
+last_line() { tr '\r' '\n' < "$1" | grep -v 'it/s\|/s, \|done in [0-9.]*s$\|warnings.warn\|Warning:' | grep . | tail -n 1 | tr '|' '/' | cut -c1-160; }
 fail() {  # fail WHAT LOG: a row, the log's end on stderr and under $OUT; the step stops
   row "$1" "-" "FAILED: $(last_line "$2")"
   tr '\r' '\n' < "$2" | grep -v 'it/s' | tail -n 40 >&2

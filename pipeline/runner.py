@@ -124,7 +124,7 @@ UNITS = {"num_cpus": "CPU", "num_gpus": "GPU"}
 
 
 def _run_on_ray(cfg: dict, stage: str, jobs: dict[str, tuple], work, prepare, force: bool) -> list:
-    from tqdm import tqdm
+    from pipeline.progress import progress
 
     ray = connect(cfg)
     resources, threads = job_resources(cfg)
@@ -145,7 +145,7 @@ def _run_on_ray(cfg: dict, stage: str, jobs: dict[str, tuple], work, prepare, fo
     results, started = {}, {}
     pending = list(names)
     try:
-        with tqdm(total=len(jobs), desc=f"[{stage}] jobs", unit="job") as bar:
+        with progress(total=len(jobs), desc=f"{stage} jobs", unit="job") as bar:
             while pending:
                 [ready], _ = ray.wait(pending, num_returns=1)
                 name = names[ready]

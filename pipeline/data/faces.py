@@ -25,12 +25,12 @@ import cv2
 import numpy as np
 import pandas as pd
 from joblib import delayed
-from tqdm import tqdm
 
 from pipeline.data.crop import PERSON_BOX, fixed_box  # noqa: F401 (PERSON_BOX: person_box's values)
 from pipeline.data.images import decode_file
 from pipeline.data.mtcnn import LANDMARKS, Face, export_nets, find_faces
 from pipeline.io import parallel
+from pipeline.progress import progress
 
 LANDMARK_COLUMNS = tuple(f"{name}_{axis}" for name in LANDMARKS for axis in "xy")
 COLUMNS = ("file", "width", "height", "face", "x0", "y0", "x1", "y1", "score", *LANDMARK_COLUMNS, "source", "chosen")
@@ -110,7 +110,7 @@ def detect_files(files: list[str], cfg: dict, desc: str = "faces") -> tuple[pd.D
     chunks = [files[i:i + 32] for i in range(0, len(files), 32)]
     results = parallel(cfg["data"]["num_workers"])(
         delayed(_detect_chunk)(chunk, cfg["faces"], cfg["data"]["max_image_pixels"])
-        for chunk in tqdm(chunks, desc=desc, unit="x32img", leave=False))
+        for chunk in progress(chunks, desc=desc, unit="x32img", leave=False))
     rate = len(files) / max(time.perf_counter() - started, 1e-9)
     rows = [row for chunk_rows in results for row in chunk_rows]
     return pd.DataFrame(rows, columns=list(COLUMNS)), rate

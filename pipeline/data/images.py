@@ -15,11 +15,11 @@ import cv2
 import numpy as np
 from joblib import delayed
 from PIL import Image
-from tqdm import tqdm
 
 from pipeline.data.crop import crop_and_resize, crop_box, crop_rule
 from pipeline.errors import DataError
 from pipeline.io import atomic_write_bytes, parallel, stable_hash
+from pipeline.progress import progress
 
 cv2.setNumThreads(1)  # parallelism comes from joblib; nested threads only thrash 2 cores
 Image.MAX_IMAGE_PIXELS = None  # decode_file applies data.max_image_pixels itself, naming the file and the key
@@ -111,7 +111,7 @@ def decode_images(files, rule, size, max_pixels: int, workers: int = 2, desc: st
     starts = range(0, len(files), 64)
     results = parallel(workers)(
         delayed(_decode_chunk)(files[i:i + 64], rule, size, max_pixels, None if faces is None else faces[i:i + 64])
-        for i in tqdm(starts, desc=desc, unit="x64img", leave=False))
+        for i in progress(starts, desc=desc, unit="x64img", leave=False))
     problems = [p for _, chunk_problems, _ in results for p in chunk_problems]
     _log_conversions([converted for _, _, converted in results])
     if size is None:

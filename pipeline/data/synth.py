@@ -617,7 +617,7 @@ def generate(cfg: dict) -> dict:
 
     Writes every file but the stamp: the caller seals the artifact last."""
     from joblib import delayed
-    from tqdm import tqdm
+    from pipeline.progress import progress
 
     section = cfg["synth"]
     people_n, eval_n, size = int(section["people"]), int(section["eval_people"]), tuple(section["image_size"])
@@ -650,7 +650,7 @@ def generate(cfg: dict) -> dict:
     print(f"[synth] rendering {people_n} train + {eval_n} eval people ({7 * (people_n + eval_n)} images, "
           f"{size[0]}x{size[1]}) into {out} with {workers} worker(s)")
     results = parallel(workers, return_as="generator")(jobs)
-    records = list(tqdm(results, total=len(jobs), desc="synth", unit="person"))
+    records = list(progress(results, total=len(jobs), desc="synth", unit="person"))
     train_records, eval_records = records[:people_n], records[people_n:]
 
     atomic_write_text(paths["train_csv"], "id,gender,race,age,path\n"

@@ -97,10 +97,10 @@ def predict_photos(gate: Gate, files: list[Path], faces: str, out: Path, draw: b
                    problems: list[str]) -> list[dict]:
     """One row per face; each photo that could not be read or decoded is named in `problems`."""
     from pipeline.io import atomic_write_bytes
-    from tqdm import tqdm
+    from pipeline.progress import progress
 
     rows = []
-    for file in tqdm(files, desc="predict", unit="photo", leave=False):
+    for file in progress(files, desc="predict", unit="photo", leave=False):
         try:
             image = decode(read_photo(Path(file), max_bytes), gate.manifest["max_image_pixels"])
         except (ImageError, OSError) as error:

@@ -9,6 +9,8 @@ README's stage table against it. No stage imports another stage.
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -65,6 +67,10 @@ def stage_main(run, stage: str, extra_args=None) -> None:
         extra_args(parser)
     args = parser.parse_args()
     extra = {k: v for k, v in vars(args).items() if k not in ("config", "overrides", "force")}
+    # the library's warnings (a failed webhook post, a bundle not reloaded, ...) go through `logging` with their
+    # level; MASKFOLD_LOG_LEVEL=DEBUG shows more, ERROR less
+    logging.basicConfig(level=os.environ.get("MASKFOLD_LOG_LEVEL", "INFO").upper(), stream=sys.stderr,
+                        format=f"[{stage}] %(levelname)s %(name)s: %(message)s")
     started = time.time()
     try:
         cfg = load_config(args.config, args.overrides)

@@ -27,7 +27,6 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from pipeline import labels
 from pipeline.artifacts import LAST, METRICS, VAL_PROBS, Artifact, train_artifact
@@ -36,6 +35,7 @@ from pipeline.errors import StaleArtifactError
 from pipeline.evaluate.metrics import score_probs
 from pipeline.evaluate.tables import save_probs
 from pipeline.io import atomic_write_text, write_provenance
+from pipeline.progress import progress
 from pipeline.train import backends, checkpoint
 from pipeline.train.augment import Normalize, gpu_augmenter, train_transform
 from pipeline.train.augment import engine as augment_engine
@@ -290,7 +290,7 @@ def train_one_epoch(cfg: dict, job: Job, epoch: int) -> dict:
     group = {head: torch.zeros((), device=job.device) for head in job.criteria}
     started, seen, in_group = time.perf_counter(), 0, 0
     clock = InputClock(job.device)
-    bar = tqdm(total=batches, desc=f"{job.backbone} f{job.fold} e{epoch}", leave=False)
+    bar = progress(total=batches, desc=f"{job.backbone} f{job.fold} e{epoch}", unit="batch", leave=False)
     for draw, (images, targets) in enumerate(job.batches.epoch(epoch_seed)):
         if draw >= batches:
             break

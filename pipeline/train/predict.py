@@ -11,13 +11,13 @@ import math
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from pipeline import labels
 from pipeline.artifacts import BEST, EVAL_PROBS, VAL_PROBS_TTA, Artifact, infer_artifact, train_artifact
 from pipeline.data.dataset import InferData
 from pipeline.evaluate.tables import save_probs
 from pipeline.io import torch_load, write_provenance
+from pipeline.progress import progress
 from pipeline.train import backends
 from pipeline.train.augment import Normalize
 from pipeline.train.batches import eval_batches
@@ -60,7 +60,8 @@ def predict(model: MaskNet, store, rows, normalize: Normalize, batch_size: int, 
     # tunes once rather than again for every tail batch. On the H200 (2026-12-04) a tail batch of efficientnet_b0
     # cost 5 to 10 s of autotuning: the whole validation of a 600-person fold ran at 151 images/s
     batches = eval_batches(store, rows, device, batch_size, pad=pads_batches(device))
-    for start, images in tqdm(batches, total=math.ceil(len(rows) / batch_size), desc=desc, leave=False):
+    for start, images in progress(batches, total=math.ceil(len(rows) / batch_size), desc=desc, unit="batch",
+                                  leave=False):
         views = tta_views(normalize(images), tta)
         summed = _forward_views(model, views, precision, normalize.channels_last)
         count = min(batch_size, len(rows) - start)
