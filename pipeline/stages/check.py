@@ -7,6 +7,7 @@ import numpy as np
 
 from pipeline import labels
 from pipeline.artifacts import output_dir
+from pipeline.data.eda import write_report
 from pipeline.data.images import verify_images
 from pipeline.data.layout import counts, load_eval, load_train
 from pipeline.errors import DataError
@@ -38,8 +39,21 @@ def run(cfg: dict, force: bool = False) -> dict:
     report["data_root"] = cfg["data"]["root"]
     report["git_commit"] = git_commit()
     atomic_write_json(output_dir(cfg, "check", "report.json"), report)
+    page = write_report(output_dir(cfg, "check"), info["people"], table, cfg, report, image_sizes(table["file"]))
     _print_report(report, cfg)
+    print(f"plots and report: {page}")
     return report
+
+
+def image_sizes(files) -> list[tuple[int, int]]:
+    """(width, height) of each image from its header (Pillow reads no pixels)."""
+    from PIL import Image
+
+    sizes = []
+    for file in files:
+        with Image.open(file) as image:
+            sizes.append(image.size)
+    return sizes
 
 
 def _print_report(report: dict, cfg: dict) -> None:
