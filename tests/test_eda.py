@@ -41,3 +41,22 @@ def test_the_real_metadata_gives_its_people_level_plots(tmp_path):
     page = write_report(tmp_path, people, None, cfg, {"people": len(people)})
     assert sorted(p.name for p in tmp_path.glob("*.png")) == ["age_gender.png", "age_histogram.png", "class_counts.png"]
     assert "Metadata only" in page.read_text()
+
+
+@pytest.mark.parametrize("engine", ["albumentations", "kornia"])
+def test_preview_shows_the_crop_its_augmented_draws_and_tta_views_in_the_page(tiny_data, tmp_path, engine):
+    from pipeline.stages import preview
+
+    cfg = make_config(tmp_path, tiny_data, f"augment.engine={engine}", "infer.tta=[none,hflip,'scale:1.2']")
+    check.run(cfg)
+    first = preview.run(cfg, images=3, draws=2)
+    again = preview.run(cfg, images=3, draws=2)
+    assert first["engine"] == engine and first["rows"] == again["rows"]  # seeded: the same images each time
+    page = (tmp_path / "run" / "check" / "report.html").read_text()
+    assert page.count("<!--section preview.png-->") == 1 and page.count("data:image/png;base64,") == 6
+    crop = np.zeros((40, 32, 3), np.uint8)
+    crop[:, :16] = 200
+    draws = [preview.augmented(cfg, engine, crop, seed) for seed in (1, 2, 1)]
+    assert np.array_equal(draws[0], draws[2]) and draws[0].shape == crop.shape
+    views = preview.views(cfg, crop)
+    assert np.array_equal(views[0], crop) and np.array_equal(views[1], crop[:, ::-1]) and views[2].shape == (48, 38, 3)

@@ -176,3 +176,19 @@ def write_report(folder: Path, people: pd.DataFrame, table: pd.DataFrame | None,
             f"{'<p><b>Metadata only:</b> class counts assume the competition layout (5 worn, 1 incorrect, 1 unworn photo per person).</p>' if table is None else ''}"
             f"<table>{rows}</table>{figures}</body></html>")
     return atomic_write_text(folder / "report.html", page)
+
+
+def add_section(folder: Path, name: str, png: bytes, title: str) -> tuple[Path, Path]:
+    """Write `name` under `folder` and put it in report.html as its own section, replacing an earlier one of the
+    same name (a page check has not written yet is started here)."""
+    atomic_write_bytes(folder / name, png)
+    page_path = folder / "report.html"
+    page = page_path.read_text() if page_path.exists() else (
+        "<!doctype html><html lang='en'><head><meta charset='utf-8'><title>maskfold</title></head><body></body></html>")
+    start, end = f"<!--section {name}-->", f"<!--/section {name}-->"
+    if start in page and end in page:
+        page = page[:page.index(start)] + page[page.index(end) + len(end):]
+    section = (f'{start}<h2>{html.escape(title)}</h2><img alt="{html.escape(name)}" '
+               f'src="data:image/png;base64,{base64.b64encode(png).decode()}">{end}')
+    page = page.replace("</body>", section + "</body>")
+    return folder / name, atomic_write_text(page_path, page)

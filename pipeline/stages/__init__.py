@@ -28,7 +28,7 @@ class Stage:
 
 STAGES = (
     Stage("synth", "generate the demo dataset in the competition layout", "demo"),
-    Stage("check", "validate the data, list every problem, print counts", "all"),
+    Stage("check", "validate the data, list every problem, print counts; EDA plots in check/report.html", "all"),
     Stage("faces", "find every face once (MTCNN) for data.crop.mode: detect; boxes table and contact sheet", "all"),
     Stage("folds", "assign person-grouped, stratified folds", "all"),
     Stage("train", "train every (backbone, fold) job with early stopping and checkpoints", "all"),
@@ -36,6 +36,7 @@ STAGES = (
     Stage("audit", "rank the training labels most likely wrong (cleanlab on OOF); suggested fixes for review", "all"),
     Stage("infer", "predict eval and validation images with TTA for every fold model", "all"),
     Stage("ensemble", "soft-vote folds and backbones into submission.csv", "all"),
+    Stage("preview", "what the model is fed: crops, draws of the train augmentation, TTA views (check/preview.png)", ""),
     Stage("pseudo", "pseudo-labels: the eval images the ensemble is sure of, per head, for a second run", ""),
     Stage("export", "the run's ensemble as a portable bundle: one ONNX graph, its face finder, bundle.json", ""),
     Stage("predict", "predict photos, a folder, a video or a camera with a bundle: a box and a verdict per face", ""),
