@@ -75,10 +75,15 @@ def _report(name: str, boxes: pd.DataFrame, people: pd.DataFrame | None, rate: f
     return report
 
 
+def _finder_text(faces: dict) -> str:
+    if faces["finder"] == "blazeface":
+        return f"BlazeFace (MediaPipe's back model, onnxruntime), min score {faces['blazeface_min_score']}"
+    return f"MTCNN (facenet-pytorch), min score {faces['min_score']}, detect scale {faces['detect_scale']}"
+
+
 def _markdown(name: str, report: dict, cfg: dict) -> str:
     lines = [f"# Faces: {name} images", "",
-             f"Detector: MTCNN (facenet-pytorch), min score {cfg['faces']['min_score']}, detect scale "
-             f"{cfg['faces']['detect_scale']}, smallest face {cfg['faces']['min_face']} px, person box "
+             f"Detector: {_finder_text(cfg['faces'])}, smallest face {cfg['faces']['min_face']} px, person box "
              f"{cfg['faces']['person_box']}; {report['images_per_second']} images/s on {report['workers']} workers.", "",
              "| images | with a face | several faces | cropped by own face | by the unmasked photo's | fallback box |",
              "|---:|---:|---:|---:|---:|---:|",
