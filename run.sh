@@ -35,14 +35,14 @@ install_with_uv() {
   # pip stays the fallback wherever uv cannot be had or fails. pip's own settings for this machine (a local wheel
   # cache, constraints) are handed to uv, which does not read pip's config
   "$PY" -m pip install --quiet --disable-pip-version-check "uv==0.13.8" >/dev/null 2>&1 || return 1
-  local links constraint
+  local links constraint settings=()
   links=${PIP_FIND_LINKS:-$("$PY" -m pip config get global.find-links 2>/dev/null || true)}
   constraint=$("$PY" -m pip config get global.constraint 2>/dev/null || true)
+  [ -n "$links" ] && [ -z "${UV_FIND_LINKS:-}" ] && settings+=("UV_FIND_LINKS=$links")
+  [ -n "$constraint" ] && [ -z "${UV_CONSTRAINT:-}" ] && settings+=("UV_CONSTRAINT=$constraint")
   echo "[setup] installing requirements.txt into $VENV with uv" >&2
-  UV_FIND_LINKS=${UV_FIND_LINKS:-$links} UV_CONSTRAINT=${UV_CONSTRAINT:-$constraint} \
-    "$VENV/bin/uv" pip install --quiet --python "$PY" -r requirements.txt >&2 &&
-  UV_FIND_LINKS=${UV_FIND_LINKS:-$links} \
-    "$VENV/bin/uv" pip install --quiet --python "$PY" --no-deps -r requirements-nodeps.txt >&2
+  env "${settings[@]}" "$VENV/bin/uv" pip install --quiet --python "$PY" -r requirements.txt >&2 &&
+    env "${settings[@]}" "$VENV/bin/uv" pip install --quiet --python "$PY" --no-deps -r requirements-nodeps.txt >&2
 }
 
 run_all() {
