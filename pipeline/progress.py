@@ -23,7 +23,8 @@ def on_terminal() -> bool:
 
 
 def progress(iterable=None, total: int | None = None, desc: str = "", unit: str = "it", leave: bool = True):
-    """tqdm on a terminal, `Lines` elsewhere; both iterate, update, set_postfix, close and work as a context."""
+    """tqdm on a terminal, `Lines` elsewhere; both iterate, update, set_postfix, write, close and work as a
+    context."""
     if on_terminal():
         from tqdm import tqdm
 
@@ -62,6 +63,10 @@ class Lines:
         if now - self.last >= EVERY_S:
             self.last = now
             print(self.line(now), file=sys.stderr, flush=True)
+
+    def write(self, text: str) -> None:
+        """A line of the loop's own, as tqdm.write prints it (stdout)."""
+        print(text, flush=True)
 
     def set_postfix(self, **values) -> None:
         self.postfix = ", ".join(f"{key}={value}" for key, value in values.items())

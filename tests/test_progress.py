@@ -30,6 +30,8 @@ def test_a_short_loop_that_keeps_no_bar_prints_nothing_and_a_long_one_prints_its
         bar.set_postfix(loss="0.25")
         bar.update()
     assert "[epoch] 1/2 batch (" in capsys.readouterr().err and "loss=0.25" in bar.line(bar.last)
+    bar.write("[train] started job 1")  # the runner's own lines, as tqdm.write prints them
+    assert capsys.readouterr().out == "[train] started job 1\n"
 
 
 def test_on_a_terminal_it_is_tqdm(monkeypatch):
