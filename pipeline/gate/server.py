@@ -55,7 +55,7 @@ class Refused(Exception):
 @dataclass
 class Limits:
     max_upload_bytes: int
-    workers: int = 0          # 0: the cores / the gate's onnxruntime threads, at least 1
+    workers: int = 0          # 0: the cores / 2 (each frame's onnxruntime runs on 2 threads), at least 1
     max_in_flight: int = 0    # 0: twice the workers
     read_timeout_s: float = 10.0
 
@@ -307,8 +307,7 @@ def serve(cfg: dict, bundle: Path, host: str, port: int) -> None:
     events = EventLog(output_dir(cfg, "gate", "events.jsonl"), g["track_seconds"], g["track_iou"], g["events_kept"],
                       g["webhook"], g["webhook_timeout_s"], g["thumbnails"], g["events_keep_days"],
                       g["events_log_mb"])
-    limits = Limits(int(g["max_upload_mb"] * 1024 * 1024), g["workers"] or max(1, (os.cpu_count() or 1) // gate.threads),
-                    g["max_in_flight"], g["read_timeout_s"])
+    limits = Limits(int(g["max_upload_mb"] * 1024 * 1024), g["workers"], g["max_in_flight"], g["read_timeout_s"])
     state = GateState(gate, events, limits, token)
     print(f"[serve] the gate on http://{host}:{port}/ ({limits.workers} worker(s), at most {limits.max_in_flight} "
           f"frames in flight; token {'on' if token else 'off'}; face thumbnails "
